@@ -1,0 +1,1 @@
+"""HEAR API modules over msm-lightning models."""

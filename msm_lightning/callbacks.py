@@ -1,0 +1,55 @@
+"""Callbacks the CLI always adds: an end-of-run summary."""
+
+from __future__ import annotations
+
+import time
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+
+
+class RunSummary(L.Callback):
+    """Prints what a fit did: model, steps, wall time, loss at start and end, skipped files, checkpoint."""
+
+    def __init__(self, window: int = 10) -> None:
+        super().__init__()
+        self.window = window
+        self.losses: list[float] = []
+        self.start = 0.0
+        self.start_step = 0
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Remember when and at which step (after a resume) the run started."""
+        self.start = time.perf_counter()
+        self.start_step = trainer.global_step
+        self.losses = []
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        """Record this rank's training loss."""
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if isinstance(loss, torch.Tensor):
+            self.losses.append(float(loss.detach()))
+
+    @rank_zero_only
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Print the summary on rank zero."""
+        hp = pl_module.hparams
+        n_params = sum(p.numel() for p in pl_module.parameters())
+        steps = trainer.global_step - self.start_step
+        elapsed = time.perf_counter() - self.start
+        w = min(self.window, max(1, len(self.losses) // 2))
+        first = sum(self.losses[:w]) / w if self.losses else float("nan")
+        last = sum(self.losses[-w:]) / w if self.losses else float("nan")
+        ckpt = trainer.checkpoint_callback
+        ckpt_path = (ckpt.last_model_path or ckpt.best_model_path) if ckpt else ""
+        lines = [
+            "msm-lightning run summary",
+            f"  model          {hp.get('family')}-{hp.get('size')} ({n_params / 1e6:.2f} M parameters)",
+            f"  steps          {steps} this run, global step {trainer.global_step} ({elapsed:.1f} s, "
+            f"{elapsed / max(1, steps):.2f} s/step)",
+            f"  train loss     {first:.4f} (first {w} steps) -> {last:.4f} (last {w} steps)",
+            f"  skipped files  {getattr(pl_module, 'skipped_files', 0)} (rank 0)",
+            f"  checkpoint     {ckpt_path or 'none'}",
+        ]
+        print("\n".join(lines), flush=True)
