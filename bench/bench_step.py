@@ -1,4 +1,4 @@
-"""Training-step benchmark of the three Tiny models on this machine (issue: Mamba-T, xLSTM-T <= 2x Transformer-T).
+"""Training-step benchmark of the three Tiny models (target: Mamba-T and xLSTM-T <= 2x Transformer-T).
 
 Each family runs in its own fresh subprocess so that peak memory is its own: one step is frontend + masking +
 forward + backward + AdamW update on a batch of 2 s crops. Prints seconds per step (median), peak resident
@@ -80,18 +80,33 @@ def main() -> None:
         return
     rows = []
     for family in FAMILIES:
-        cmd = [sys.executable, __file__, "--family", family, "--batch", str(args.batch),
-               "--steps", str(args.steps), "--warmup", str(args.warmup)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--family",
+            family,
+            "--batch",
+            str(args.batch),
+            "--steps",
+            str(args.steps),
+            "--warmup",
+            str(args.warmup),
+        ]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
     base = rows[0]["seconds"]
-    print(f"Training step, Tiny models, batch {args.batch} x 2 s crops, median of {args.steps} steps "
-          f"after {args.warmup} warm-up; {platform.processor() or platform.machine()}, "
-          f"{rows[0]['threads']} threads")
+    print(
+        f"Training step, Tiny models, batch {args.batch} x 2 s crops, median of {args.steps} steps "
+        f"after {args.warmup} warm-up; {platform.processor() or platform.machine()}, "
+        f"{rows[0]['threads']} threads"
+    )
     print(f"{'model':<14}{'params':>9}{'s/step':>9}{'x Transformer':>15}{'peak RSS MiB':>14}{'step MiB':>10}")
     for r in rows:
-        print(f"{r['family'] + '-tiny':<14}{r['params_m']:>8.2f}M{r['seconds']:>9.3f}{r['seconds'] / base:>15.2f}"
-              f"{r['peak_rss_mib']:>14.0f}{r['step_mib']:>10.0f}")
+        name, ratio = r["family"] + "-tiny", r["seconds"] / base
+        print(
+            f"{name:<14}{r['params_m']:>8.2f}M{r['seconds']:>9.3f}{ratio:>15.2f}"
+            f"{r['peak_rss_mib']:>14.0f}{r['step_mib']:>10.0f}"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

@@ -22,12 +22,10 @@ DEFAULT_ROOT = "runs/msm"
 
 def config_dirs() -> list[Path]:
     """Folders searched for a bare config name: the wheel's bundled copy, then the source checkout's."""
-    dirs = []
-    try:
-        dirs.append(Path(str(resources.files("msm_lightning") / "configs")))
-    except (ModuleNotFoundError, TypeError):
-        pass
-    dirs.append(Path(__file__).resolve().parents[1] / "configs")
+    dirs = [
+        Path(str(resources.files("msm_lightning") / "configs")),
+        Path(__file__).resolve().parents[1] / "configs",
+    ]
     return [d for d in dirs if d.is_dir()]
 
 
@@ -69,7 +67,7 @@ def default_loggers(root: str) -> list[Logger]:
 class MSMCLI(LightningCLI):
     """LightningCLI with a fixed checkpoint folder (so `--ckpt_path last` resumes) and default loggers."""
 
-    def add_arguments_to_parser(self, parser) -> None:  # noqa: ANN001 - jsonargparse parser
+    def add_arguments_to_parser(self, parser) -> None:
         """Checkpointing, lr monitoring and the run summary as configurable, always-on callbacks."""
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults(
@@ -95,7 +93,7 @@ class MSMCLI(LightningCLI):
             # A fixed folder (not one per logger version) is what lets `--ckpt_path last` find the run.
             cfg.checkpoint.dirpath = os.path.join(root, "checkpoints")
 
-    def instantiate_trainer(self, **kwargs):  # noqa: ANN003, ANN201 - LightningCLI signature
+    def instantiate_trainer(self, **kwargs):
         """Use the default loggers unless the config chose loggers (or logger: false)."""
         cfg = self.config_init[self.subcommand] if self.subcommand else self.config_init
         if cfg.trainer.get("logger") in (None, True):

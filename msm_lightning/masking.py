@@ -17,6 +17,8 @@ def random_mask(
         raise ValueError(f"mask ratio must be in [0, 1), got {ratio}")
     n_masked = round(ratio * n_patches)
     # Ranking i.i.d. uniform scores draws a uniformly random subset of exactly n_masked patches.
-    scores = torch.rand(batch, n_patches, generator=generator, device=generator.device if generator else device)
+    scores = torch.rand(
+        batch, n_patches, generator=generator, device=generator.device if generator else device
+    )
     ranks = scores.argsort(dim=1).argsort(dim=1)
     return (ranks < n_masked).to(device)

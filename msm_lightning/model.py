@@ -48,7 +48,9 @@ class MaskedSpectrogramModel(nn.Module):
             family, d_model=d_model, depth=depth, max_tokens=self.n_patches + 1, **self.encoder_kwargs
         )
         self.head = nn.Sequential(
-            nn.Linear(d_model, d_model), nn.GELU(), nn.Linear(d_model, self.patch_size[0] * self.patch_size[1])
+            nn.Linear(d_model, d_model),
+            nn.GELU(),
+            nn.Linear(d_model, self.patch_size[0] * self.patch_size[1]),
         )
         nn.init.normal_(self.cls_token, std=0.02)
         nn.init.normal_(self.mask_token, std=0.02)
@@ -57,7 +59,10 @@ class MaskedSpectrogramModel(nn.Module):
     def from_preset(cls, family: str, size: str, **overrides: Any) -> MaskedSpectrogramModel:
         """Build a named preset, e.g. `from_preset('mamba', 'tiny')`; overrides replace preset arguments."""
         kwargs = preset(family, size)
-        kwargs["encoder_kwargs"] = {**kwargs["encoder_kwargs"], **(overrides.pop("encoder_kwargs", None) or {})}
+        kwargs["encoder_kwargs"] = {
+            **kwargs["encoder_kwargs"],
+            **(overrides.pop("encoder_kwargs", None) or {}),
+        }
         return cls(**{**kwargs, **overrides})
 
     def config(self) -> dict[str, Any]:

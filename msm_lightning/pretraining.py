@@ -79,10 +79,22 @@ class MSMPretraining(L.LightningModule):
             skipped = batch["skipped"].sum()
             self.skipped_files += int(skipped)
             # Epoch total over all ranks; the running per-rank count goes to the progress bar.
-            self.log("data/skipped_files", skipped.float(), on_step=False, on_epoch=True, reduce_fx="sum",
-                     sync_dist=True)
-            self.log("skipped", float(self.skipped_files), prog_bar=True, on_step=True, on_epoch=False,
-                     logger=False)
+            self.log(
+                "data/skipped_files",
+                skipped.float(),
+                on_step=False,
+                on_epoch=True,
+                reduce_fx="sum",
+                sync_dist=True,
+            )
+            self.log(
+                "skipped",
+                float(self.skipped_files),
+                prog_bar=True,
+                on_step=True,
+                on_epoch=False,
+                logger=False,
+            )
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:

@@ -56,7 +56,7 @@ class RecordRun(L.Callback):
             "batches": self.batches,
             "weights_sha256": digest.hexdigest(),
             "precision": str(trainer.precision),
-            "weight_norm": float(sum(p.double().pow(2).sum() for p in pl_module.parameters())),
+            "weight_norm": float(sum(p.detach().double().pow(2).sum() for p in pl_module.parameters())),
         }
         Path(self.out_dir).mkdir(parents=True, exist_ok=True)
         (Path(self.out_dir) / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))

@@ -177,3 +177,34 @@ def test_fused_dispatch_passes_the_parameters_mamba_inner_fn_expects(monkeypatch
     mixer.use_fused_kernels = False
     mixer(x)
     assert calls == [1]
+
+
+def test_headwise_projection_matches_xlstm_package():
+    from xlstm.components.linear_headwise import LinearHeadwiseExpand, LinearHeadwiseExpandConfig
+
+    from msm_lightning.encoders.xlstm import HeadwiseProjection
+
+    torch.manual_seed(0)
+    ref = LinearHeadwiseExpand(LinearHeadwiseExpandConfig(in_features=48, num_heads=12, bias=True))
+    torch.nn.init.normal_(ref.bias)
+    fast = HeadwiseProjection(ref)
+    x = torch.randn(2, 7, 48, requires_grad=True)
+    torch.testing.assert_close(fast(x), ref(x))
+    assert fast.weight is ref.weight
+    g_ref = torch.autograd.grad(ref(x).square().sum(), (x, ref.weight))
+    g_fast = torch.autograd.grad(fast(x).square().sum(), (x, fast.weight))
+    for a, b in zip(g_ref, g_fast, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_xlstm_state_dict_keeps_package_names():
+    model = MaskedSpectrogramModel.from_preset("xlstm", "tiny", depth=1)
+    keys = set(model.encoder.state_dict())
+    for name in (
+        "q_proj.weight",
+        "k_proj.weight",
+        "v_proj.weight",
+        "proj_up.weight",
+        "mlstm_cell.igate.weight",
+    ):
+        assert f"blocks.0.layer.{name}" in keys

@@ -1,5 +1,6 @@
 """Optimiser groups and learning-rate schedule."""
 
+import itertools
 import math
 
 from msm_lightning.model import MaskedSpectrogramModel
@@ -23,7 +24,7 @@ def test_no_weight_decay_on_biases_norms_tokens():
 def test_warmup_then_cosine_to_zero():
     lrs = [warmup_cosine(s, 10, 100) for s in range(100)]
     assert lrs[0] == 0.1 and lrs[9] == 1.0
-    assert all(b <= a for a, b in zip(lrs[10:], lrs[11:], strict=False))
+    assert all(b <= a for a, b in itertools.pairwise(lrs[10:]))
     assert math.isclose(warmup_cosine(55, 10, 100), 0.5, abs_tol=1e-9)
     assert warmup_cosine(100, 10, 100) == 0.0
 

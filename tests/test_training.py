@@ -76,9 +76,13 @@ def test_fit_crash_and_resume_continues_the_global_step(tmp_path, corpus, capsys
     assert torch.load(ckpts / "last.ckpt", weights_only=False)["global_step"] == 6
     out = capsys.readouterr().out
     assert "msm-lightning run summary" in out and "global step 6" in out
-    metrics = list(csv.DictReader(next((root / "logs").rglob("metrics.csv")).open()))
+    metrics = list(csv.DictReader((root / "logs" / "version_1" / "metrics.csv").open()))
     losses = [float(r["train/loss_step"]) for r in metrics if r.get("train/loss_step")]
     assert losses and all(math.isfinite(x) for x in losses)
+    # Peak lr = base_lr x global batch / 256 with the batch size linked from the data section.
+    first_run = list(csv.DictReader((root / "logs" / "version_0" / "metrics.csv").open()))
+    lrs = [float(r["lr-AdamW/pg1"]) for r in first_run if r.get("lr-AdamW/pg1")]
+    assert max(lrs) == pytest.approx(0.032 * 2 / 256)
 
 
 def test_bad_files_are_skipped_counted_and_logged(tmp_path):

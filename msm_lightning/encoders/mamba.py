@@ -18,7 +18,7 @@ from msm_lightning.encoders.selective_scan import selective_scan
 try:  # The fused kernels import only where CUDA and the `cuda` extra are installed.
     from causal_conv1d import causal_conv1d_fn
     from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn
-except Exception:  # noqa: BLE001 - mamba-ssm raises various errors, not just ImportError, without CUDA
+except Exception:
     causal_conv1d_fn = mamba_inner_fn = None
 
 # mamba_inner_fn runs its convolution through causal-conv1d, so the fused path needs both packages.
@@ -79,7 +79,9 @@ class MambaMixer(nn.Module):
         self.reset_parameters(dt_min, dt_max, dt_init_floor)
 
     @torch.no_grad()
-    def reset_parameters(self, dt_min: float = 0.001, dt_max: float = 0.1, dt_init_floor: float = 1e-4) -> None:
+    def reset_parameters(
+        self, dt_min: float = 0.001, dt_max: float = 0.1, dt_init_floor: float = 1e-4
+    ) -> None:
         """Mamba initialisation: S4D-real A, unit D, and step sizes log-uniform in [dt_min, dt_max]."""
         std = self.dt_rank**-0.5
         nn.init.uniform_(self.dt_proj.weight, -std, std)
@@ -174,7 +176,9 @@ class MambaEncoder(nn.Module):
         super().__init__()
         del max_tokens  # recurrent: any length
         self.blocks = nn.ModuleList(
-            MambaBlock(d_model, d_state=d_state, d_conv=d_conv, expand=expand, use_fused_kernels=use_fused_kernels)
+            MambaBlock(
+                d_model, d_state=d_state, d_conv=d_conv, expand=expand, use_fused_kernels=use_fused_kernels
+            )
             for _ in range(depth)
         )
         self.norm = nn.LayerNorm(d_model)
