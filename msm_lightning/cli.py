@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from collections.abc import Callable
@@ -125,15 +126,30 @@ def synth_main(argv: list[str]) -> None:
     print(f"wrote {args.n_files + args.n_corrupt} files, manifest {manifest}")
 
 
-TOOLS: dict[str, Callable[[list[str]], None]] = {"synth": synth_main}
+# msm-lightning's own subcommands: name -> "module:function(argv)", imported only when used.
+TOOLS: dict[str, str] = {
+    "synth": "msm_lightning.cli:synth_main",
+    "export": "msm_lightning.export:main",
+    "embed": "msm_lightning.embed:main",
+    "evaluate": "msm_lightning.evaluate:main",
+    "score": "msm_lightning.score:main",
+}
+
+
+def tool(name: str) -> Callable[[list[str]], None]:
+    """The function behind subcommand `name`."""
+    module, func = TOOLS[name].split(":")
+    return getattr(importlib.import_module(module), func)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `msm` console script."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in TOOLS:
-        TOOLS[argv[0]](argv[1:])
+        tool(argv[0])(argv[1:])
     else:
+        if not argv or argv[0] in ("-h", "--help"):
+            print("msm-lightning tools: " + ", ".join(TOOLS) + " (msm TOOL --help); Lightning subcommands:")
         lightning_main(argv)
 
 
