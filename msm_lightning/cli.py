@@ -102,14 +102,14 @@ class MSMCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
 
-def lightning_main(argv: list[str]) -> None:
+def lightning_main(argv: list[str], from_command_line: bool = False) -> None:
     """Run a LightningCLI subcommand (fit, validate, test, predict)."""
-    MSMCLI(
-        MSMPretraining,
-        AudioDataModule,
-        args=resolve_config_args(argv),
-        save_config_kwargs={"overwrite": True},
-    )
+    args = resolve_config_args(argv)
+    if from_command_line:
+        # DDP's launcher re-runs sys.argv for the other ranks, so the resolved arguments must live there.
+        sys.argv[1:] = args
+        args = None
+    MSMCLI(MSMPretraining, AudioDataModule, args=args, save_config_kwargs={"overwrite": True})
 
 
 def synth_main(argv: list[str]) -> None:
@@ -144,13 +144,14 @@ def tool(name: str) -> Callable[[list[str]], None]:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `msm` console script."""
+    from_command_line = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in TOOLS:
         tool(argv[0])(argv[1:])
     else:
         if not argv or argv[0] in ("-h", "--help"):
             print("msm-lightning tools: " + ", ".join(TOOLS) + " (msm TOOL --help); Lightning subcommands:")
-        lightning_main(argv)
+        lightning_main(argv, from_command_line)
 
 
 if __name__ == "__main__":
