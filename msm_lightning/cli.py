@@ -129,6 +129,7 @@ def synth_main(argv: list[str]) -> None:
 # msm-lightning's own subcommands: name -> "module:function(argv)", imported only when used.
 TOOLS: dict[str, str] = {
     "synth": "msm_lightning.cli:synth_main",
+    "data": "msm_lightning.realdata:main",
     "export": "msm_lightning.export:main",
     "embed": "msm_lightning.embed:main",
     "evaluate": "msm_lightning.evaluate:main",
