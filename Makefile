@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1 torchaudio==2.11.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-slow demo bench lint format clean
+.PHONY: install test test-slow test-heareval demo bench lint format clean
 
 install: $(STAMP)
 
@@ -21,6 +21,21 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
+
+# hear-eval-kit beside msm-lightning: a venv layered on .venv (it sees .venv's packages through a .pth)
+# holding heareval without its stale pins (--no-deps) and the modules its embeddings runner really imports.
+HEAREVAL_VENV ?= .venv-heareval
+HEAREVAL_STAMP := $(HEAREVAL_VENV)/.installed
+
+$(HEAREVAL_STAMP): $(STAMP)
+	test -x $(HEAREVAL_VENV)/bin/python || $(PYTHON) -m venv $(HEAREVAL_VENV)
+	$(HEAREVAL_VENV)/bin/python -c "import site, sys; open(site.getsitepackages()[0] + '/msm_venv.pth', 'w').write('import site; site.addsitedir(%r)\n' % sys.argv[1])" "$$($(PY) -c 'import site; print(site.getsitepackages()[0])')"
+	$(HEAREVAL_VENV)/bin/python -m pip install --no-deps heareval==2021.1.3
+	$(HEAREVAL_VENV)/bin/python -m pip install tensorflow-cpu click python-slugify intervaltree
+	touch $@
+
+test-heareval: $(HEAREVAL_STAMP)
+	MSM_REQUIRE_HEAREVAL=1 $(HEAREVAL_VENV)/bin/python -m pytest -q -m slow tests/test_heareval_integration.py
 
 demo: $(STAMP)
 	$(VENV)/bin/msm synth data/demo --n-files 64 --n-corrupt 2

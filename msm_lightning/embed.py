@@ -1,0 +1,366 @@
+"""`msm embed`: HEAR embeddings of hearpreprocess task folders, written exactly as heareval's runner does.
+
+Output layout (hear-eval-kit 2021.1.x, `heareval/embeddings/{runner,task_embeddings}.py`):
+
+    EMB_DIR/<module name>[-<slugified model options>]/<task name>/
+        task_metadata.json, labelvocabulary.csv, {split}.json   copied from the task
+        {split}/{filename}.embedding.npy                          per file, float32
+        {split}/{filename}.target-labels.json                     per file (+ .timestamps.json for events)
+        {split}.embeddings.npy                                    headerless float32 np.memmap [n, dim]
+        {split}.embedding-dimensions.json                         JSON [n, dim]
+        {split}.target-labels.pkl                                 labels in the memmap's row order
+        {split}.filename-timestamps.json                          event tasks only
+        profile.embeddings.json, .done.embeddings                 timing; completion marker
+
+Rows of the memmap follow heareval's order: the split's files in `{split}.json` order, shuffled by one
+`random.Random(0)` per task that is consumed split after split in `task_metadata.json` order. Files are
+batched by duration (heareval batches by clip count from `sample_duration`); only clips of equal length
+share a batch, so no clip is ever padded and batching cannot change an embedding.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pickle
+import random
+import re
+import shutil
+import time
+import unicodedata
+from collections.abc import Iterator
+from importlib import import_module
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import soundfile as sf
+import torch
+from tqdm import tqdm
+
+DONE_MARKER = ".done.embeddings"
+DEFAULT_BATCH_SECONDS = 84.0  # heareval's batch: 0.7 x 120 s of audio at 16 kHz
+SCENE, EVENT = "scene", "event"
+
+
+def slugify(text: str) -> str:
+    """python-slugify's `slugify(text)` (used by heareval for option folder names); the package if present."""
+    try:
+        from slugify import slugify as package_slugify
+    except ImportError:
+        package_slugify = None
+    if package_slugify is not None:
+        return package_slugify(text)
+    # Fallback with python-slugify's default rules for ASCII-representable text.
+    text = re.sub(r"[']+", "-", text)
+    text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii").lower()
+    text = re.sub(r"[']+", "", text)
+    text = re.sub(r"(?<=\d),(?=\d)", "", text)  # "1,000" -> "1000"
+    text = re.sub(r"[^-a-z0-9]+", "-", text)
+    return re.sub(r"-{2,}", "-", text).strip("-")
+
+
+def embeddings_folder_name(module_name: str, model_options: dict[str, Any]) -> str:
+    """heareval's folder name: the module name plus `-key=value` per model option, slugified."""
+    options = "".join(f"-{slugify(k)}={slugify(str(v))}" for k, v in model_options.items())
+    return module_name + options
+
+
+class Embedder:
+    """A HEAR module and its model, run like heareval's `Embedding` wrapper (torch, no gradients)."""
+
+    def __init__(
+        self, module_name: str, model_path: str | None, model_options: dict[str, Any], device: str = "auto"
+    ) -> None:
+        self.module: ModuleType = import_module(module_name)
+        if model_path is not None:
+            self.model = self.module.load_model(model_path, **model_options)
+        else:
+            self.model = self.module.load_model(**model_options)
+        if not isinstance(self.model, torch.nn.Module):
+            raise TypeError(
+                f"{module_name}.load_model returned a {type(self.model).__name__}, not a torch module"
+            )
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        self.model.to(self.device)
+
+    @property
+    def name(self) -> str:
+        """The module's import name (heareval names the output folder after it)."""
+        return self.module.__name__
+
+    @property
+    def sample_rate(self) -> int:
+        """The model's sample rate, which selects the task's audio folder."""
+        return int(self.model.sample_rate)
+
+    def scene(self, audio: np.ndarray) -> np.ndarray:
+        """Scene embeddings [n, dim] of equal-length clips [n, samples]."""
+        with torch.no_grad():
+            emb = self.module.get_scene_embeddings(torch.from_numpy(audio).to(self.device), self.model)
+        return emb.detach().cpu().numpy()
+
+    def timestamps(self, audio: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(embeddings [n, T, dim], timestamps [n, T] in ms) of equal-length clips [n, samples]."""
+        with torch.no_grad():
+            emb, stamps = self.module.get_timestamp_embeddings(
+                torch.from_numpy(audio).to(self.device), self.model
+            )
+        return emb.detach().cpu().numpy(), stamps.detach().cpu().numpy()
+
+
+def read_clip(path: Path, sample_rate: int) -> np.ndarray:
+    """A task's audio file as mono float32 at `sample_rate` (hearpreprocess already resampled it)."""
+    try:
+        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
+    except Exception as err:  # libsndfile reports missing and bad files through assorted exceptions
+        raise ValueError(f"cannot read task audio '{path}': {err}") from err
+    if rate != sample_rate:
+        raise ValueError(f"task audio '{path}' is at {rate} Hz, the model needs {sample_rate} Hz")
+    return data[:, 0] if data.shape[1] == 1 else data.mean(axis=1, dtype=np.float32)
+
+
+def batches(
+    filenames: list[str], audio_dir: Path, sample_rate: int, batch_seconds: float
+) -> Iterator[tuple[np.ndarray, list[str]]]:
+    """Consecutive clips of equal length, up to `batch_seconds` of audio (at least one clip) per batch."""
+    budget = batch_seconds * sample_rate
+    clips: list[np.ndarray] = []
+    names: list[str] = []
+    for name in filenames:
+        clip = read_clip(audio_dir / name, sample_rate)
+        if clips and (len(clip) != len(clips[0]) or (len(clips) + 1) * len(clip) > budget):
+            yield np.stack(clips), names
+            clips, names = [], []
+        clips.append(clip)
+        names.append(name)
+    if clips:
+        yield np.stack(clips), names
+
+
+def labels_at(events: list[dict[str, Any]], timestamps: np.ndarray) -> list[list[str]]:
+    """Labels active at each timestamp (heareval: start <= t < end + 0.0001, duplicate events once)."""
+    unique = list(dict.fromkeys((e["start"], e["end"] + 0.0001, e["label"]) for e in events))
+    return [[label for start, end, label in unique if start <= t < end] for t in timestamps.tolist()]
+
+
+def _save_json(obj: Any, path: Path, indent: int | None = None) -> None:
+    with path.open("w") as f:
+        json.dump(obj, f, indent=indent)
+
+
+def embed_split(
+    embedder: Embedder,
+    metadata: dict[str, Any],
+    split_data: dict[str, Any],
+    audio_dir: Path,
+    outdir: Path,
+    batch_seconds: float,
+    desc: str,
+) -> None:
+    """Per-file embeddings and labels of one split into `outdir` (heareval's first pass)."""
+    outdir.mkdir(parents=True, exist_ok=True)
+    filenames = list(split_data)
+    with tqdm(total=len(filenames), desc=desc, unit="file") as bar:
+        for audio, names in batches(filenames, audio_dir, embedder.sample_rate, batch_seconds):
+            if metadata["embedding_type"] == SCENE:
+                emb = embedder.scene(audio)
+                for name, row in zip(names, emb, strict=True):
+                    out = outdir / name
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    np.save(f"{out}.embedding.npy", row)
+                    _save_json(split_data[name], Path(f"{out}.target-labels.json"))
+            else:
+                emb, stamps = embedder.timestamps(audio)
+                for name, rows, ts in zip(names, emb, stamps, strict=True):
+                    out = outdir / name
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    np.save(f"{out}.embedding.npy", rows)
+                    _save_json(ts.tolist(), Path(f"{out}.timestamps.json"))
+                    _save_json(labels_at(split_data[name], ts), Path(f"{out}.target-labels.json"), indent=4)
+            bar.update(len(names))
+
+
+def memmap_split(
+    metadata: dict[str, Any],
+    split: str,
+    split_data: dict[str, Any],
+    outdir: Path,
+    task_out: Path,
+    prng: random.Random,
+) -> None:
+    """Gather a split's per-file embeddings into the headerless float32 memmap + labels pickle."""
+    files = [outdir / f"{name}.embedding.npy" for name in split_data]
+    prng.shuffle(files)  # the same draws as heareval's memmap_embeddings, so the same row order
+    event = metadata["embedding_type"] == EVENT
+    shapes = [np.load(f, mmap_mode="r").shape for f in files]
+    n_rows = sum(s[0] if event else 1 for s in shapes)
+    dim = shapes[0][-1] if shapes else 0
+    if n_rows == 0:
+        raise ValueError(f"split {split!r} of task {task_out.name} has no embeddings to write")
+    (task_out / f"{split}.embedding-dimensions.json").write_text(json.dumps((n_rows, dim)))
+    memmap = np.memmap(task_out / f"{split}.embeddings.npy", dtype=np.float32, mode="w+", shape=(n_rows, dim))
+    labels: list[Any] = []
+    filename_timestamps: list[tuple[str, float]] = []
+    row = 0
+    for path in files:
+        emb = np.load(path)
+        label = json.loads(Path(str(path).replace("embedding.npy", "target-labels.json")).read_text())
+        if not event:
+            if metadata["prediction_type"] == "multiclass" and len(label) != 1:
+                raise ValueError(f"multiclass task file '{path}' must have exactly one label, has {label}")
+            memmap[row] = emb
+            labels.append(label)
+            row += 1
+        else:
+            stamps = json.loads(Path(str(path).replace("embedding.npy", "timestamps.json")).read_text())
+            memmap[row : row + emb.shape[0]] = emb
+            labels += label
+            slug = str(path).replace(".embedding.npy", "")
+            filename_timestamps += [(slug, t) for t in stamps]
+            row += emb.shape[0]
+    memmap.flush()
+    del memmap
+    with (task_out / f"{split}.target-labels.pkl").open("wb") as f:
+        pickle.dump(labels, f)
+    if event:
+        (task_out / f"{split}.filename-timestamps.json").write_text(json.dumps(filename_timestamps, indent=4))
+
+
+def embed_task(embedder: Embedder, task_path: Path, task_out: Path, batch_seconds: float) -> None:
+    """Embeddings of every split of one task into `task_out` (which is created afresh)."""
+    metadata = json.loads((task_path / "task_metadata.json").read_text())
+    kind = metadata.get("embedding_type")
+    if kind not in (SCENE, EVENT):
+        raise ValueError(f"task '{task_path}' has unknown embedding_type {kind!r} (expected scene or event)")
+    task_out.mkdir(parents=True, exist_ok=True)
+    shutil.copy(task_path / "task_metadata.json", task_out)
+    shutil.copy(task_path / "labelvocabulary.csv", task_out)
+    prng = random.Random(0)  # one generator per task, consumed split after split, as in heareval
+    for split in metadata["splits"]:
+        split_path = task_path / f"{split}.json"
+        if not split_path.is_file():
+            raise ValueError(f"task '{task_path}' lists split {split!r} but has no {split_path.name}")
+        shutil.copy(split_path, task_out)
+        audio_dir = task_path / str(embedder.sample_rate) / split
+        if not audio_dir.is_dir():
+            raise ValueError(f"task '{task_path}' has no audio folder '{audio_dir}' for split {split!r}")
+        split_data = json.loads(split_path.read_text())
+        outdir = task_out / split
+        desc = f"{task_path.name}/{split}"
+        embed_split(embedder, metadata, split_data, audio_dir, outdir, batch_seconds, desc)
+        memmap_split(metadata, split, split_data, outdir, task_out, prng)
+
+
+def list_tasks(tasks_dir: Path, task: str = "all") -> list[Path]:
+    """Task folders (those with a task_metadata.json) under `tasks_dir`, sorted, or just the named one."""
+    if not tasks_dir.is_dir():
+        raise ValueError(f"tasks folder '{tasks_dir}' does not exist or is not a folder")
+    if task != "all":
+        path = tasks_dir / task
+        if not (path / "task_metadata.json").is_file():
+            raise ValueError(f"'{path}' is not a task folder (no task_metadata.json)")
+        return [path]
+    tasks = sorted(p for p in tasks_dir.iterdir() if (p / "task_metadata.json").is_file())
+    if not tasks:
+        raise ValueError(f"no task folders (with task_metadata.json) under '{tasks_dir}'")
+    return tasks
+
+
+def embed_tasks(
+    module_name: str,
+    tasks_dir: str | Path,
+    out_dir: str | Path,
+    model_path: str | None = None,
+    model_options: dict[str, Any] | None = None,
+    batch_seconds: float = DEFAULT_BATCH_SECONDS,
+    task: str = "all",
+    device: str = "auto",
+) -> list[Path]:
+    """Embed every task (skipping finished ones) with a HEAR module; returns the task output folders."""
+    model_options = dict(model_options or {})
+    if batch_seconds <= 0:
+        raise ValueError(f"batch_seconds must be positive, got {batch_seconds}")
+    tasks = list_tasks(Path(tasks_dir), task)
+    out_root = Path(out_dir) / embeddings_folder_name(module_name, model_options)
+    todo = [t for t in tasks if not (out_root / t.name / DONE_MARKER).exists()]
+    for t in tasks:
+        if t not in todo:
+            print(f"skipping {t.name}: embeddings already in {out_root / t.name}")
+    if todo:
+        embedder = Embedder(module_name, model_path, model_options, device)
+        out_root = Path(out_dir) / embeddings_folder_name(embedder.name, model_options)
+        for task_path in todo:
+            task_out = out_root / task_path.name
+            if task_out.exists():  # an unfinished earlier run: start the task again, as heareval does
+                shutil.rmtree(task_out)
+            start = time.time()
+            embed_task(embedder, task_path, task_out, batch_seconds)
+            elapsed = time.time() - start
+            profile = {
+                "time_elapsed": elapsed,
+                "gpu_max_mem": _gpu_max_mem(),
+                "gpu_device_name": _device_name(),
+            }
+            (task_out / "profile.embeddings.json").write_text(json.dumps(profile, indent=4))
+            (task_out / DONE_MARKER).touch()
+            print(f"computed embeddings of {task_path.name} in {elapsed:.1f} s -> {task_out}")
+    return [out_root / t.name for t in tasks]
+
+
+def _gpu_max_mem() -> float | None:
+    # heareval records the peak GPU memory in GB; on CPU it records null.
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.max_memory_reserved() / 1024**3
+
+
+def _device_name() -> str:
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+
+
+def main(argv: list[str]) -> None:
+    """`msm embed`: heareval-layout embeddings of hearpreprocess tasks with any HEAR module."""
+    parser = argparse.ArgumentParser(
+        prog="msm embed",
+        description="Compute HEAR embeddings of every task folder (hearpreprocess layout) with a HEAR "
+        "module and write them exactly as heareval's embeddings runner does. Finished tasks are skipped.",
+    )
+    parser.add_argument("--module", required=True, help="HEAR module to import, e.g. hear_modules.ssam")
+    parser.add_argument("--model", default=None, help="model file for load_model (bundle or checkpoint)")
+    parser.add_argument("--tasks", required=True, help="folder of task folders (hearpreprocess output)")
+    parser.add_argument("--out", required=True, help="embeddings folder (heareval's --embeddings-dir)")
+    parser.add_argument("--task", default="all", help="embed only this task folder name (default: all)")
+    parser.add_argument("--model-options", default="{}", help="JSON dict of keyword arguments for load_model")
+    parser.add_argument(
+        "--batch-seconds",
+        type=float,
+        default=DEFAULT_BATCH_SECONDS,
+        help=f"audio per batch in seconds (default {DEFAULT_BATCH_SECONDS:g})",
+    )
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    args = parser.parse_args(argv)
+    try:
+        options = json.loads(args.model_options)
+    except json.JSONDecodeError as err:
+        raise SystemExit(f"msm embed: --model-options is not valid JSON ({err})") from err
+    if not isinstance(options, dict):
+        raise SystemExit("msm embed: --model-options must be a JSON object, e.g. '{\"chunk_batch\": 8}'")
+    if args.model is not None and not Path(args.model).exists():
+        raise SystemExit(f"msm embed: model file '{args.model}' does not exist")
+    try:
+        embed_tasks(
+            args.module,
+            args.tasks,
+            args.out,
+            model_path=args.model,
+            model_options=options,
+            batch_seconds=args.batch_seconds,
+            task=args.task,
+            device=args.device,
+        )
+    except ValueError as err:
+        raise SystemExit(f"msm embed: {err}") from err
