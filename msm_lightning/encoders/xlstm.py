@@ -11,8 +11,8 @@ from xlstm.components.linear_headwise import LinearHeadwiseExpand
 class HeadwiseProjection(nn.Module):
     """Block-diagonal q/k/v projection sharing the weight of an xlstm `LinearHeadwiseExpand`.
 
-    The package computes it with an einsum that becomes a batched matmul of 4x4 blocks per head, which
-    is many times slower on a CPU than this broadcast multiply-and-sum over the block width.
+    The package's einsum picks a slow batched-matmul layout for 4x4 blocks on a CPU; one explicit
+    heads-first `bmm` computes the same product about 1.7x faster forward and backward (bench/bench_step.py).
     """
 
     def __init__(self, source: LinearHeadwiseExpand) -> None:
@@ -22,9 +22,11 @@ class HeadwiseProjection(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[..., heads * in_per_head] -> [..., heads * out_per_head]."""
-        heads, _, width = self.weight.shape
-        xh = x.view(*x.shape[:-1], heads, 1, width)  # [..., heads, 1, in_per_head]
-        y = (xh * self.weight).sum(-1).flatten(-2)  # [..., heads * out_per_head]
+        heads, out_per_head, width = self.weight.shape
+        lead = x.shape[:-1]
+        xh = x.reshape(-1, heads, width).transpose(0, 1)  # [heads, tokens, in_per_head]
+        y = torch.bmm(xh, self.weight.transpose(1, 2))  # [heads, tokens, out_per_head]
+        y = y.transpose(0, 1).reshape(*lead, heads * out_per_head)
         return y if self.bias is None else y + self.bias
 
 
