@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1 torchaudio==2.11.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-slow test-heareval demo bench lint format clean
+.PHONY: install test test-slow test-heareval demo hear-example bench lint format clean
 
 install: $(STAMP)
 
@@ -40,6 +40,21 @@ test-heareval: $(HEAREVAL_STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/msm synth data/demo --n-files 64 --n-corrupt 2
 	$(VENV)/bin/msm fit --config demo.yaml
+
+# From the demo checkpoint to an s(m) table on the two synthetic HEAR tasks (README, "Evaluate on HEAR").
+HEAR_DIR := runs/hear-example
+MSM := $(VENV)/bin/msm
+hear-example: $(STAMP)
+	test -f runs/demo/checkpoints/last.ckpt || $(MAKE) demo
+	$(MSM) synth data/hear-tasks --tasks
+	$(MSM) export runs/demo/checkpoints/last.ckpt $(HEAR_DIR)/ssam-tiny-demo
+	$(MSM) embed --module hear_modules.ssam --model $(HEAR_DIR)/ssam-tiny-demo --tasks data/hear-tasks --out $(HEAR_DIR)/emb-pretrained
+	$(MSM) embed --module hear_modules.ssam --tasks data/hear-tasks --out $(HEAR_DIR)/emb-random
+	$(MSM) embed --module hear_modules.ssast --tasks data/hear-tasks --out $(HEAR_DIR)/emb-random
+	$(MSM) evaluate $(HEAR_DIR)/emb-pretrained/hear_modules.ssam --name SSAM-T-demo --seeds 3 --threads 1 --out $(HEAR_DIR)/results
+	$(MSM) evaluate $(HEAR_DIR)/emb-random/hear_modules.ssam --name SSAM-T-random --seeds 3 --threads 1 --out $(HEAR_DIR)/results
+	$(MSM) evaluate $(HEAR_DIR)/emb-random/hear_modules.ssast --name SSAST-T-random --seeds 3 --threads 1 --out $(HEAR_DIR)/results
+	$(MSM) score $(HEAR_DIR)/results --out $(HEAR_DIR)/scores
 
 bench: $(STAMP)
 	$(PY) bench/bench_step.py
