@@ -5,8 +5,10 @@ PY := $(VENV)/bin/python
 # The torch build this machine has on disk; set TORCH_SPEC= to keep whatever torch pip picks elsewhere.
 TORCH_SPEC ?= torch==2.14.1 torchaudio==2.11.0
 STAMP := $(VENV)/.installed
+MSM := $(VENV)/bin/msm
 
-.PHONY: install test test-slow test-heareval demo hear-example bench lint format clean
+# `msm data build` needs fluidsynth (apt) to render notes; installed here when running as root.
+.PHONY: data install test test-slow test-heareval demo hear-example bench lint format clean
 
 install: $(STAMP)
 
@@ -41,9 +43,15 @@ demo: $(STAMP)
 	$(VENV)/bin/msm synth data/demo --n-files 64 --n-corrupt 2
 	$(VENV)/bin/msm fit --config demo.yaml
 
+data: $(STAMP)
+	@if ! command -v fluidsynth >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq fluidsynth; \
+	  else echo "msm data needs fluidsynth: sudo apt-get install fluidsynth"; exit 1; fi; fi
+	$(MSM) data check
+	$(MSM) data build --cache data/real-cache --out data/real
+
 # From the demo checkpoint to an s(m) table on the two synthetic HEAR tasks (README, "Evaluate on HEAR").
 HEAR_DIR := runs/hear-example
-MSM := $(VENV)/bin/msm
 hear-example: $(STAMP)
 	test -f runs/demo/checkpoints/last.ckpt || $(MAKE) demo
 	$(MSM) synth data/hear-tasks --tasks
