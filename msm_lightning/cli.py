@@ -6,6 +6,7 @@ import argparse
 import importlib
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
@@ -104,6 +105,8 @@ class MSMCLI(LightningCLI):
 
 def lightning_main(argv: list[str], from_command_line: bool = False) -> None:
     """Run a LightningCLI subcommand (fit, validate, test, predict)."""
+    # Without data.val_manifest the validation loader is deliberately empty; Lightning warns about that.
+    warnings.filterwarnings("ignore", message="Total length of `list` across ranks is zero")
     args = resolve_config_args(argv)
     if from_command_line:
         # DDP's launcher re-runs sys.argv for the other ranks, so the resolved arguments must live there.
