@@ -203,8 +203,9 @@ def plot(c: Comparison, path: Path) -> None:
     errors = [c.s_ci[m] or 0.0 for m in models]
     ax.barh(models, [c.s[m] for m in models], xerr=errors, capsize=3, color="#4c72b0")
     for i, m in enumerate(models):
-        ax.text(c.s[m] + errors[i] + 1, i, f"{c.s[m]:.1f}", va="center", fontsize=8)
-    ax.set_xlim(0, 112)
+        # Wide intervals run past 100: keep the value label inside the axes so the layout stays put.
+        ax.text(min(c.s[m] + errors[i], 100) + 2, i, f"{c.s[m]:.1f}", va="center", fontsize=8)
+    ax.set_xlim(0, 115)
     ax.set_xlabel(f"s(m): normalised score over {len(c.scored_tasks)} tasks (95% CI)")
     fig.tight_layout()
     fig.savefig(path, dpi=150)
