@@ -7,18 +7,28 @@ Semantics follow mamba-ssm's `selective_scan_fn` for real A and input-dependent 
     y_t    = sum_n C_t[n] * h_t[..., n] + D * u_t
     y     *= silu(z)                                                     (optional)
 
-`selective_scan` walks the sequence in chunks of `CHUNK_SIZE` steps. Per chunk it builds exp(delta * A) and
-delta * B * u for those steps only (a few MiB, so they stay in the last-level cache), runs one in-place
-`addcmul` per step for the state and contracts the chunk's states with C in one batched matmul. Autograd
-keeps only the (time-major, float32) inputs and the state at each chunk boundary; the backward recomputes a
-chunk's states from its boundary, runs the adjoint recurrence backwards through the chunk and forms all
-gradients with vectorised per-chunk products and reductions. Only exp of non-positive numbers (for A <= 0)
-is ever taken, so long sequences and huge step sizes stay finite.
+`selective_scan` walks the sequence in chunks of a few steps (`default_chunk_size`: 8 at Mamba-Tiny training
+shapes) and does all of its work chunk by chunk, in a few chunk-sized buffers that are reused for every chunk
+(so they stay in the last-level cache):
 
-Layout: everything internal is time-major, [L, batch, channels], and the chunk tensors are
-[steps, batch, N, d_inner] with d_inner innermost. Then every step and every chunk is one contiguous slab,
-the contraction with C and the reductions over d_inner are batched row-vector products, and elementwise ops
-never mix memory layouts (which makes PyTorch's CPU kernels several times slower).
+- forward, per chunk: step sizes (bias, softplus), exp(delta A) for the chunk's steps in one vectorised op,
+  then per step one multiply and one broadcast addcmul for h_t = exp(delta_t A) h_{t-1} + B_t (delta_t u_t),
+  then the chunk's outputs C_t^T h_t in one batched matmul, D skip and SiLU gate, written straight into the
+  output. Autograd keeps only the inputs themselves and the state entering each chunk.
+- backward, chunks in reverse: recompute the chunk's decays and states from its entry state, run the adjoint
+  g_t = C_t dy_t + exp(delta_{t+1} A) g_{t+1} backwards through the chunk (one multiply + one addcmul per
+  step), then every gradient (u, delta through softplus and bias, A, B, C, D, z) with per-chunk batched
+  matmuls, products and reductions, written straight into the gradient tensors.
+
+Only exp of non-positive numbers (for A <= 0) is ever taken, and nothing is divided, so long sequences and
+huge step sizes stay finite. No full-sequence temporaries are created: besides the outputs and gradients, a
+call allocates only the chunk buffers and the boundary states.
+
+Layout: internally time-major. [batch, C, L] inputs are read as [L, batch, C] views, and the chunk buffers
+are [steps, batch, N, d_inner] with d_inner innermost, so every step is one contiguous slab, the contraction
+with C and the reductions over d_inner are batched row-vector products, and reductions over N run across
+rows. The output is [batch, d_inner, L] laid out as [batch, L, d_inner] in memory (what Mamba's out_proj
+consumes after a transpose); gradients have the memory layout of their inputs.
 """
 
 from __future__ import annotations
@@ -28,11 +38,13 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["CHUNK_SIZE", "selective_scan", "selective_scan_reference"]
+__all__ = ["default_chunk_size", "selective_scan", "selective_scan_reference"]
 
-# Steps per chunk: large enough to amortise per-op overhead, small enough that the chunk buffers
-# (3 x CHUNK_SIZE x batch x N x d_inner floats) stay in the last-level cache at Mamba-Tiny shapes.
-CHUNK_SIZE = 8
+# Budget for the three [chunk, batch, N, d_inner] float32 work buffers. Chunks should be long enough to
+# amortise the per-chunk op overhead but short enough that the buffers stay in the last-level cache: on a
+# 2-core AVX2 VM with a shared 32 MiB L3, 8 steps at batch 8, N 24, d_inner 576 (10.1 MiB) measured best.
+_CHUNK_BYTES = 11 * 2**20
+_CHUNK_RANGE = (4, 64)
 
 # exp2 is about twice as fast as exp in PyTorch's CPU kernels, so the decays use exp2(delta * A * log2(e)).
 _LOG2E = 1.0 / math.log(2.0)
@@ -68,6 +80,12 @@ def _check_shapes(
     for name, (tensor, shape) in expected.items():
         if tensor is not None and tuple(tensor.shape) != shape:
             raise ValueError(f"{name} must have shape {shape}, got {tuple(tensor.shape)}")
+
+
+def default_chunk_size(batch: int, n_state: int, d_inner: int) -> int:
+    """Steps per chunk such that the chunk work buffers fit the cache budget, clamped to [4, 64]."""
+    per_step = 3 * batch * n_state * d_inner * 4  # bytes of one step in the three buffers
+    return max(_CHUNK_RANGE[0], min(_CHUNK_RANGE[1], _CHUNK_BYTES // max(per_step, 1)))
 
 
 def _compute_dtype(u: torch.Tensor) -> torch.dtype:
@@ -118,210 +136,260 @@ def _to_time_major(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return out  # [L, batch, C]
 
 
-def _layout(x: torch.Tensor | None) -> tuple[torch.dtype, tuple[int, ...]] | None:
-    """dtype and dimension order (outermost first, by stride) of a tensor, to lay out its gradient alike."""
-    if x is None:
-        return None
+def _empty_like_layout(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Dense uninitialised tensor shaped like x whose dimensions are ordered in memory like x's."""
     order = sorted(range(x.dim()), key=lambda i: (-x.stride(i), i))
-    return x.dtype, tuple(order)
+    out = torch.empty([x.shape[i] for i in order], dtype=dtype or x.dtype, device=x.device)
+    return out.permute([order.index(i) for i in range(x.dim())])
 
 
-def _from_time_major(x_t: torch.Tensor, layout: tuple[torch.dtype, tuple[int, ...]]) -> torch.Tensor:
-    """[L, batch, C] -> dense [batch, C, L] with the given dtype and dimension order (one copy)."""
-    dtype, order = layout
-    shape = (x_t.shape[1], x_t.shape[2], x_t.shape[0])
-    # Matching the caller's layout (typically a transposed [batch, L, C]) keeps its next ops fast.
-    out = torch.empty([shape[i] for i in order], dtype=dtype, device=x_t.device)
-    out = out.permute([order.index(i) for i in range(3)])
-    out.copy_(x_t.permute(1, 2, 0))
-    return out  # [batch, C, L]
+class _Buffers:
+    """Chunk-sized, time-major work buffers, allocated once per call and reused by every chunk."""
+
+    def __init__(self, k_max: int, batch: int, n_state: int, d_inner: int, like: torch.Tensor, adjoint: bool):
+        def empty(*shape: int) -> torch.Tensor:
+            return torch.empty(*shape, dtype=like.dtype, device=like.device)
+
+        rows = (k_max, batch, d_inner)
+        # Contiguous compute-dtype copies of the chunk's slices of the caller's tensors, which may be
+        # strided (e.g. u straight from the convolution) or bf16; every later op then reads contiguous rows.
+        self.u, self.z = empty(*rows), empty(*rows)
+        self.pre, self.delta = empty(*rows), empty(*rows)  # delta + bias; step sizes after softplus
+        self.du, self.y = empty(*rows), empty(*rows)  # delta * u; C^T h + D u
+        self.decay = empty(k_max, batch, n_state, d_inner)  # exp(delta A), later reused
+        self.state = empty(k_max + 1, batch, n_state, d_inner)  # slot 0: the state entering the chunk
+        if adjoint:
+            self.go, self.gy, self.tmp = empty(*rows), empty(*rows), empty(*rows)  # dL/dout, dL/dy
+            self.g_du, self.g_delta = empty(*rows), empty(*rows)
+            self.adj = empty(k_max, batch, n_state, d_inner)  # dL/dh, later reused
+            # exp(delta_{t+1} A) dL/dh_{t+1} for the first step t + 1 of the chunk to the right
+            self.carry = torch.zeros(batch, n_state, d_inner, dtype=like.dtype, device=like.device)
+            # Per-chunk sums of dL/dy * u (for dL/dD), reduced once at the end.
+            self.acc_D = torch.zeros(*rows, dtype=like.dtype, device=like.device)
+        self._views: dict[int, _ChunkViews] = {}
+
+    def views(self, k: int) -> _ChunkViews:
+        """The buffers cut to k steps, with per-step views; built once per distinct k (at most two)."""
+        if k not in self._views:
+            self._views[k] = _ChunkViews(self, k)
+        return self._views[k]
 
 
-def _scan_chunks(
-    u_t: torch.Tensor,
-    delta_t: torch.Tensor,
-    A: torch.Tensor,
-    B_t: torch.Tensor,
-    C_t: torch.Tensor,
-    chunk: int,
-    keep_boundaries: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Chunked forward scan on time-major inputs; returns y_t [L, batch, d_inner] and chunk-start states."""
-    seq, batch, d_inner = u_t.shape
-    n_state = A.shape[1]
-    n_chunks = -(-seq // chunk)
-    A2 = (A * _LOG2E).t().contiguous()  # [N, d_inner]
+class _ChunkViews:
+    """Views of `_Buffers` for a chunk of k steps: slicing inside the loops costs as much as arithmetic."""
 
-    k_max = min(chunk, seq)
-    du_buf = u_t.new_empty(k_max, batch, d_inner)
-    decay_buf = u_t.new_empty(k_max, batch, n_state, d_inner)
-    state_buf = u_t.new_empty(k_max + 1, batch, n_state, d_inner)  # slot 0 holds the incoming state
-    state_buf[0].zero_()
-    # Per-step views made once: indexing inside the step loop costs as much as the step's arithmetic.
-    decay_steps = decay_buf.unbind(0)
-    state_steps = state_buf.unbind(0)
-    y_t = u_t.new_empty(seq, batch, d_inner)
-    boundaries = u_t.new_empty(n_chunks, batch, n_state, d_inner) if keep_boundaries else None
+    def __init__(self, buf: _Buffers, k: int):
+        for name, value in vars(buf).items():
+            if isinstance(value, torch.Tensor) and name != "carry":
+                setattr(self, name, value[: k + 1] if name == "state" else value[:k])
+        self.decay_steps = self.decay.unbind(0)
+        self.state_steps = self.state.unbind(0)
+        self.du_rows = self.du[:, :, None, :].unbind(0)  # k x [batch, 1, d_inner]
+        if hasattr(self, "adj"):
+            self.adj_steps = self.adj.unbind(0)
+            self.go_rows = self.go[:, :, None, :].unbind(0)
+            self.gy_rows = self.gy[:, :, None, :].unbind(0)
 
-    for c in range(n_chunks):
-        t0 = c * chunk
-        t1 = min(t0 + chunk, seq)
-        k = t1 - t0
-        if boundaries is not None:
-            boundaries[c].copy_(state_buf[0])
-        decay = decay_buf[:k]  # [k, batch, N, d_inner]
-        torch.mul(delta_t[t0:t1, :, None, :], A2, out=decay)
-        torch.exp2(decay, out=decay)
-        states = state_buf[: k + 1]  # [k + 1, batch, N, d_inner]
-        du = torch.mul(delta_t[t0:t1], u_t[t0:t1], out=du_buf[:k])  # [k, batch, d_inner]
-        # The rank-1 drive B_t (delta_t u_t)^T is added by a broadcast addcmul instead of being
-        # materialised for the chunk: that saves writing and re-reading a full chunk-sized tensor.
-        B_col = B_t[t0:t1, :, :, None]  # [k, batch, N, 1]
-        du_row = du[:, :, None, :]  # [k, batch, 1, d_inner]
-        for i in range(k):
-            torch.mul(decay_steps[i], state_steps[i], out=state_steps[i + 1])
-            state_steps[i + 1].addcmul_(B_col[i], du_row[i])
-        # y_t = C_t^T h_t as a batch of [1, N] @ [N, d_inner] products
-        rows = k * batch
+
+class _Inputs:
+    """The scan's inputs split into time-major chunks, plus small compute-dtype copies."""
+
+    def __init__(
+        self,
+        u: torch.Tensor,
+        delta: torch.Tensor,
+        A: torch.Tensor,
+        B: torch.Tensor,
+        C: torch.Tensor,
+        D: torch.Tensor | None,
+        z: torch.Tensor | None,
+        delta_bias: torch.Tensor | None,
+        delta_softplus: bool,
+        chunk: int,
+    ):
+        cd = _compute_dtype(u)
+        self.dtype = cd
+        self.batch, self.d_inner, self.seq = u.shape
+        self.n_state = A.shape[1]
+        self.k_max = min(chunk, self.seq)
+        # [k, batch, C] views of the caller's tensors, one per chunk: read (and cast) chunk by chunk, no
+        # full-sequence copies.
+        self.u = u.permute(2, 0, 1).split(chunk)
+        self.delta = delta.permute(2, 0, 1).split(chunk)
+        self.z = z.permute(2, 0, 1).split(chunk) if z is not None else None
+        B_t, C_t = _to_time_major(B, cd), _to_time_major(C, cd)  # [L, batch, N]
+        self.B, self.C = B_t.split(chunk), C_t.split(chunk)  # [k, batch, N] each, contiguous
+        # Per-step columns [batch, N, 1] for the broadcast products B_t x_t^T and C_t y_t^T.
+        self.B_cols, self.C_cols = B_t[:, :, :, None].unbind(0), C_t[:, :, :, None].unbind(0)
+        self.chunk = chunk
+        self.A = A.to(cd).t().contiguous()  # [N, d_inner]
+        self.A2 = self.A * _LOG2E  # exp2 is about twice as fast as exp in PyTorch's CPU kernels
+        self.D = D.to(cd) if D is not None else None
+        self.bias = delta_bias.to(cd) if delta_bias is not None else None
+        self.softplus = delta_softplus
+        self.n_chunks = len(self.u)
+
+    def buffers(self, adjoint: bool) -> _Buffers:
+        """Work buffers for this problem."""
+        return _Buffers(self.k_max, self.batch, self.n_state, self.d_inner, self.A, adjoint)
+
+    def step_sizes(self, v: _ChunkViews, c: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Chunk step sizes [k, batch, d_inner] after bias and softplus, and the softplus input or None."""
+        pre = v.pre if self.softplus else v.delta
+        if self.bias is not None:
+            torch.add(self.delta[c], self.bias, out=pre)
+        else:
+            pre.copy_(self.delta[c])
+        if not self.softplus:
+            return pre, None
+        return torch.ops.aten.softplus.out(pre, 1, 20, out=v.delta), pre  # F.softplus, into a buffer
+
+    def states(self, v: _ChunkViews, c: int, delta_c: torch.Tensor) -> None:
+        """Fill v.decay with exp(delta A) and v.state[1:] with h_t, from v.state[0] and v.u."""
+        torch.mul(delta_c[:, :, None, :], self.A2, out=v.decay)  # [k, batch, N, d_inner]
+        torch.exp2(v.decay, out=v.decay)
+        torch.mul(delta_c, v.u, out=v.du)  # [k, batch, d_inner]
+        # The rank-1 drive B_t (delta_t u_t)^T is added by a broadcast addcmul rather than materialised for
+        # the chunk: that saves writing and re-reading a chunk-sized tensor.
+        B_cols, du_rows = self.B_cols[c * self.chunk :], v.du_rows
+        steps, decays, mul = v.state_steps, v.decay_steps, torch.mul
+        for i in range(len(decays)):
+            mul(decays[i], steps[i], out=steps[i + 1]).addcmul_(B_cols[i], du_rows[i])
+
+    def outputs(self, v: _ChunkViews, c: int) -> torch.Tensor:
+        """y_t = C_t^T h_t + D u_t for a chunk whose states are in v.state, as [k, batch, d_inner]."""
+        rows = v.y.shape[0] * self.batch
+        # a batch of [1, N] @ [N, d_inner] products
         torch.bmm(
-            C_t[t0:t1].view(rows, 1, n_state),
-            states[1:].view(rows, n_state, d_inner),
-            out=y_t[t0:t1].view(rows, 1, d_inner),
+            self.C[c].view(rows, 1, self.n_state),
+            v.state[1:].view(rows, self.n_state, self.d_inner),
+            out=v.y.view(rows, 1, self.d_inner),
         )
-        state_buf[0].copy_(states[k])
-    return y_t, boundaries
+        if self.D is not None:
+            v.y.addcmul_(v.u, self.D)
+        return v.y
 
 
-def _scan_chunks_backward(
-    gy_t: torch.Tensor,
-    u_t: torch.Tensor,
-    delta_t: torch.Tensor,
-    A: torch.Tensor,
-    B_t: torch.Tensor,
-    C_t: torch.Tensor,
+def _scan_forward(x: _Inputs, out: torch.Tensor, boundaries: torch.Tensor | None) -> None:
+    """Write the gated scan output into out [batch, d_inner, L] and the chunk-entry states into boundaries."""
+    buf = x.buffers(adjoint=False)
+    buf.state[0].zero_()
+    out_chunks = out.permute(2, 0, 1).split(x.k_max)  # [k, batch, d_inner] views
+    for c in range(x.n_chunks):
+        v = buf.views(len(x.u[c]))
+        if boundaries is not None:
+            boundaries[c].copy_(buf.state[0])
+        delta_c, _ = x.step_sizes(v, c)
+        v.u.copy_(x.u[c])
+        x.states(v, c, delta_c)
+        y = x.outputs(v, c)
+        if x.z is not None:
+            torch.mul(F.silu(v.z.copy_(x.z[c]), inplace=True), y, out=out_chunks[c])
+        else:
+            out_chunks[c].copy_(y)
+        buf.state[0].copy_(v.state[-1])
+
+
+def _scan_backward(
+    x: _Inputs,
+    grad_out: torch.Tensor,
     boundaries: torch.Tensor,
-    chunk: int,
-    want_D: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Gradients of y_t w.r.t. u_t, delta_t, A, B_t, C_t (time-major) and, if asked, sum(gy_t * u_t)."""
-    seq, batch, d_inner = u_t.shape
-    n_state = A.shape[1]
-    n_chunks = boundaries.shape[0]
-    A_t = A.t().contiguous()  # [N, d_inner]
-    A2 = A_t * _LOG2E  # [N, d_inner]
+    g_u: torch.Tensor,
+    g_delta: torch.Tensor,
+    g_z: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Fill g_u, g_delta, g_z [batch, d_inner, L]; return dA, dB_t, dC_t (time-major) and dD."""
+    seq, batch, n_state, d_inner = x.seq, x.batch, x.n_state, x.d_inner
+    buf = x.buffers(adjoint=True)
+    go = grad_out.permute(2, 0, 1).split(x.k_max)  # [k, batch, d_inner] views
+    g_u_c = g_u.permute(2, 0, 1).split(x.k_max)
+    g_delta_c = g_delta.permute(2, 0, 1).split(x.k_max)
+    g_z_c = g_z.permute(2, 0, 1).split(x.k_max) if g_z is not None else None
+    g_B_t = x.A.new_empty(seq, batch, n_state)
+    g_C_t = x.A.new_empty(seq, batch, n_state)
+    g_B_c, g_C_c = g_B_t.split(x.k_max), g_C_t.split(x.k_max)
+    g_A_t = x.A.new_zeros(n_state, d_inner)
+    carry = buf.carry
 
-    k_max = min(chunk, seq)
-    du_buf = u_t.new_empty(k_max, batch, d_inner)
-    decay_buf = u_t.new_empty(k_max, batch, n_state, d_inner)
-    state_buf = u_t.new_empty(k_max + 1, batch, n_state, d_inner)  # slot 0: state before the chunk
-    adj_buf = u_t.new_empty(k_max, batch, n_state, d_inner)
-    decay_steps = decay_buf.unbind(0)
-    state_steps = state_buf.unbind(0)
-    adj_steps = adj_buf.unbind(0)
-    # exp(delta_{t+1} A) * g_{t+1} for the first step t + 1 of the chunk to the right
-    carry = u_t.new_zeros(batch, n_state, d_inner)
+    for c in reversed(range(x.n_chunks)):
+        v = buf.views(len(x.u[c]))
+        rows = v.u.shape[0] * batch
+        u_c = v.u.copy_(x.u[c])
+        go_c = v.go.copy_(go[c])
+        # Recompute the chunk's step sizes, decays and states from its entry state.
+        delta_c, pre_c = x.step_sizes(v, c)
+        v.state[0].copy_(boundaries[c])
+        x.states(v, c, delta_c)
 
-    g_du_t = u_t.new_empty(seq, batch, d_inner)  # dL/d(delta * u)
-    g_delta_t = u_t.new_empty(seq, batch, d_inner)  # dL/d(delta) through exp(delta * A)
-    g_B_t = u_t.new_empty(seq, batch, n_state)
-    g_C_t = u_t.new_empty(seq, batch, n_state)
-    g_A_t = u_t.new_zeros(n_state, d_inner)
-    g_D = u_t.new_zeros(d_inner) if want_D else None
+        # Gate: out = y * silu(z), so dL/dy = dout * silu(z) and dL/dz = dout * y * silu'(z).
+        if x.z is not None:
+            z_c = v.z.copy_(x.z[c])
+            if g_z_c is not None:
+                gy_y = torch.mul(go_c, x.outputs(v, c), out=v.tmp)
+                torch.ops.aten.silu_backward.grad_input(gy_y, z_c, grad_input=g_z_c[c])
+            gy, gy_rows = torch.mul(F.silu(z_c, inplace=True), go_c, out=v.gy), v.gy_rows
+        else:
+            gy, gy_rows = go_c, v.go_rows  # [k, batch, d_inner], k x [batch, 1, d_inner]
+        if x.D is not None:
+            v.acc_D.addcmul_(gy, u_c)
 
-    for c in reversed(range(n_chunks)):
-        t0 = c * chunk
-        t1 = min(t0 + chunk, seq)
-        k = t1 - t0
-        rows = k * batch
-        # Recompute the chunk's decays and states from its boundary state.
-        decay = decay_buf[:k]  # [k, batch, N, d_inner]
-        torch.mul(delta_t[t0:t1, :, None, :], A2, out=decay)
-        torch.exp2(decay, out=decay)
-        states = state_buf[: k + 1]  # [k + 1, batch, N, d_inner]
-        states[0].copy_(boundaries[c])
-        du = torch.mul(delta_t[t0:t1], u_t[t0:t1], out=du_buf[:k])  # [k, batch, d_inner]
-        B_col = B_t[t0:t1, :, :, None]  # [k, batch, N, 1]
-        du_row = du[:, :, None, :]  # [k, batch, 1, d_inner]
-        for i in range(k):
-            torch.mul(decay_steps[i], state_steps[i], out=state_steps[i + 1])
-            state_steps[i + 1].addcmul_(B_col[i], du_row[i])
-
-        # Adjoint g_t = dL/dh_t = C_t dy_t + exp(delta_{t+1} A) g_{t+1}, backwards through the chunk.
-        # Each product exp(delta_t A) g_t overwrites its decay: it is also the carry into the chunk to
-        # the left and a factor of dL/d(delta_t A), and it is formed while g_t is still in cache.
-        adj = adj_buf[:k]  # [k, batch, N, d_inner]
-        C_col = C_t[t0:t1, :, :, None]  # [k, batch, N, 1]
-        gy_row = gy_t[t0:t1, :, None, :]  # [k, batch, 1, d_inner]
-        torch.addcmul(carry, C_col[k - 1], gy_row[k - 1], out=adj_steps[k - 1])
-        for i in range(k - 1, 0, -1):
-            torch.addcmul(
-                decay_steps[i].mul_(adj_steps[i]), C_col[i - 1], gy_row[i - 1], out=adj_steps[i - 1]
-            )
-        carry.copy_(decay_steps[0].mul_(adj_steps[0]))
+        # Adjoint g_t = dL/dh_t = C_t dy_t + exp(delta_{t+1} A) g_{t+1}, backwards through the chunk. Each
+        # product exp(delta_t A) g_t overwrites its decay while g_t is still in cache: it is the next step's
+        # addend, the carry into the chunk to the left and a factor of dL/d(delta_t A).
+        C_cols = x.C_cols[c * x.chunk :]
+        adjs, decays, addcmul = v.adj_steps, v.decay_steps, torch.addcmul
+        last = len(adjs) - 1
+        addcmul(carry, C_cols[last], gy_rows[last], out=adjs[last])
+        for i in range(last, 0, -1):
+            addcmul(decays[i].mul_(adjs[i]), C_cols[i - 1], gy_rows[i - 1], out=adjs[i - 1])
+        carry.copy_(decays[0].mul_(adjs[0]))
 
         # dL/dC_t = h_t dy_t ; dL/dB_t = g_t (delta_t u_t) ; dL/d(delta_t u_t) = B_t^T g_t
-        adj_rows = adj.view(rows, n_state, d_inner)
-        torch.bmm(
-            gy_t[t0:t1].view(rows, 1, d_inner),
-            states[1:].view(rows, n_state, d_inner).transpose(1, 2),
-            out=g_C_t[t0:t1].view(rows, 1, n_state),
-        )
-        torch.bmm(
-            du.view(rows, 1, d_inner),
-            adj_rows.transpose(1, 2),
-            out=g_B_t[t0:t1].view(rows, 1, n_state),
-        )
-        torch.bmm(B_t[t0:t1].view(rows, 1, n_state), adj_rows, out=g_du_t[t0:t1].view(rows, 1, d_inner))
+        adj_rows = v.adj.view(rows, n_state, d_inner)
+        states_rows = v.state[1:].view(rows, n_state, d_inner)
+        torch.bmm(gy.view(rows, 1, d_inner), states_rows.transpose(1, 2), out=g_C_c[c].view(rows, 1, n_state))
+        torch.bmm(v.du.view(rows, 1, d_inner), adj_rows.transpose(1, 2), out=g_B_c[c].view(rows, 1, n_state))
+        torch.bmm(x.B[c].view(rows, 1, n_state), adj_rows, out=v.g_du.view(rows, 1, d_inner))
 
-        # X_t = dL/d(delta_t A) = exp(delta_t A) g_t * h_{t-1}, in decay_buf.
-        decay.mul_(states[:k])
-        torch.mul(decay, A_t, out=adj)  # adj_buf is free as well
-        torch.sum(adj, dim=2, out=g_delta_t[t0:t1])
-        torch.mul(decay, delta_t[t0:t1, :, None, :], out=adj)
-        g_A_t += adj.view(rows, n_state, d_inner).sum(0)
-        if g_D is not None:
-            g_D += torch.mul(gy_t[t0:t1], u_t[t0:t1], out=du).sum(dim=(0, 1))
+        # X_t = dL/d(delta_t A) = exp(delta_t A) g_t * h_{t-1}; then dL/ddelta_t = sum_n A X_t and
+        # dL/dA = sum_{t, batch} delta_t X_t. v.adj is free to hold the weighted products.
+        X = v.decay.mul_(v.state[:-1])
+        torch.sum(torch.mul(X, x.A, out=v.adj), dim=2, out=v.g_delta)
+        g_A_t += torch.mul(X, delta_c[:, :, None, :], out=v.adj).view(rows, n_state, d_inner).sum(0)
 
-    g_delta_t.addcmul_(g_du_t, u_t)
-    g_u_t = g_du_t.mul_(delta_t)
-    return g_u_t, g_delta_t, g_A_t.t(), g_B_t, g_C_t, g_D
-
-
-def _prepare(
-    u: torch.Tensor,
-    delta: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    delta_bias: torch.Tensor | None,
-    delta_softplus: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Time-major compute-dtype copies: u_t, delta_t, softplus input (or None), A, B_t, C_t."""
-    cd = _compute_dtype(u)
-    u_t = _to_time_major(u, cd)  # [L, batch, d_inner]
-    delta_t = _to_time_major(delta, cd)  # [L, batch, d_inner]
-    if delta_bias is not None:
-        delta_t += delta_bias.to(cd)
-    pre_t = None
-    if delta_softplus:
-        pre_t = delta_t
-        delta_t = F.softplus(pre_t)
-    return u_t, delta_t, pre_t, A.to(cd), _to_time_major(B, cd), _to_time_major(C, cd)
+        # Chain through delta * u (and D u for u), then softplus and the bias for delta.
+        if x.D is not None:
+            torch.addcmul(torch.mul(v.g_du, delta_c, out=v.tmp), gy, x.D, out=g_u_c[c])
+        else:
+            torch.mul(v.g_du, delta_c, out=g_u_c[c])
+        v.g_delta.addcmul_(v.g_du, u_c)
+        if pre_c is not None:
+            torch.ops.aten.softplus_backward.grad_input(v.g_delta, pre_c, 1, 20, grad_input=g_delta_c[c])
+        else:
+            g_delta_c[c].copy_(v.g_delta)
+    g_D = buf.acc_D.sum(dim=(0, 1)) if x.D is not None else None
+    return g_A_t.t(), g_B_t, g_C_t, g_D
 
 
-def _epilogue(
-    y_t: torch.Tensor, u_t: torch.Tensor, D: torch.Tensor | None, z_t: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Add the D skip in place and apply the SiLU(z) gate; returns (gated output, pre-gate y)."""
-    if D is not None:
-        y_t.addcmul_(u_t, D.to(y_t.dtype))
-    if z_t is None:
-        return y_t, y_t
-    return F.silu(z_t).mul_(y_t), y_t
+def _from_time_major(x_t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """[L, batch, C] -> [batch, C, L] with the dtype and memory layout of `like` (one copy)."""
+    out = _empty_like_layout(like)
+    out.copy_(x_t.permute(1, 2, 0))
+    return out
+
+
+def _new_output(u: torch.Tensor) -> torch.Tensor:
+    """Uninitialised [batch, d_inner, L] output in u's dtype, laid out as [batch, L, d_inner] in memory.
+
+    That layout is what Mamba's out_proj consumes (y.transpose(1, 2)) and lets the time-major chunks be
+    written as contiguous rows.
+    """
+    batch, d_inner, seq = u.shape
+    return torch.empty(batch, seq, d_inner, dtype=u.dtype, device=u.device).transpose(1, 2)
 
 
 class _SelectiveScanFn(torch.autograd.Function):
-    """Chunked selective scan whose backward keeps only chunk-boundary states."""
+    """Chunked selective scan whose backward keeps only the inputs and chunk-boundary states."""
 
     @staticmethod
     def forward(
@@ -337,61 +405,43 @@ class _SelectiveScanFn(torch.autograd.Function):
         delta_softplus: bool,
         chunk: int,
     ) -> torch.Tensor:
-        """Run the chunked scan and save time-major inputs plus boundary states."""
+        """Run the chunked scan; save the inputs and the state entering each chunk."""
         with torch.autocast(device_type=u.device.type, enabled=False):
-            u_t, delta_t, pre_t, Af, B_t, C_t = _prepare(u, delta, A, B, C, delta_bias, delta_softplus)
-            y_t, boundaries = _scan_chunks(u_t, delta_t, Af, B_t, C_t, chunk, keep_boundaries=True)
-            z_t = _to_time_major(z, u_t.dtype) if z is not None else None
-            out_t, y_t = _epilogue(y_t, u_t, D, z_t)
-            out = _from_time_major(out_t, _layout(u))
+            x = _Inputs(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk)
+            out = _new_output(u)
+            boundaries = u.new_empty(x.n_chunks, x.batch, x.n_state, x.d_inner, dtype=x.dtype)
+            _scan_forward(x, out, boundaries)
+        ctx.delta_softplus = delta_softplus
         ctx.chunk = chunk
-        ctx.has_bias = delta_bias is not None
-        ctx.layouts = tuple(_layout(t) for t in (u, delta, A, B, C, D, z, delta_bias))
-        ctx.save_for_backward(
-            u_t, delta_t, pre_t, Af, B_t, C_t, D, z_t, y_t if z is not None else None, boundaries
-        )
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, boundaries)
         return out
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_out: torch.Tensor) -> tuple:
-        """Recompute chunk states from the saved boundaries and return gradients for every input."""
-        u_t, delta_t, pre_t, Af, B_t, C_t, D, z_t, y_t, boundaries = ctx.saved_tensors
-        needs = ctx.needs_input_grad
-        with torch.autocast(device_type=u_t.device.type, enabled=False):
-            go_t = _to_time_major(grad_out, u_t.dtype)  # [L, batch, d_inner]
-            g_z_t = None
-            if z_t is not None:
-                sig = torch.sigmoid(z_t)
-                silu = z_t * sig
-                if needs[6]:
-                    # d silu / dz = sigmoid(z) * (1 + z * (1 - sigmoid(z))) = sig + silu - silu * sig
-                    g_z_t = torch.addcmul(silu, silu, sig, value=-1).add_(sig).mul_(go_t).mul_(y_t)
-                del sig
-                gy_t = silu.mul_(go_t)
-            else:
-                gy_t = go_t
-            g_u_t, g_delta_t, g_A, g_B_t, g_C_t, g_D = _scan_chunks_backward(
-                gy_t, u_t, delta_t, Af, B_t, C_t, boundaries, ctx.chunk, want_D=D is not None
+        """Recompute each chunk from its saved entry state and return gradients for every input."""
+        u, delta, A, B, C, D, z, delta_bias, boundaries = ctx.saved_tensors
+        with torch.autocast(device_type=u.device.type, enabled=False):
+            x = _Inputs(u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, ctx.chunk)
+            g_u = _empty_like_layout(u)
+            g_delta = _empty_like_layout(delta)
+            g_z = _empty_like_layout(z) if z is not None and ctx.needs_input_grad[6] else None
+            g_A, g_B_t, g_C_t, g_D = _scan_backward(x, grad_out, boundaries, g_u, g_delta, g_z)
+            g_bias = g_delta.sum(dim=(0, 2), dtype=x.dtype) if delta_bias is not None else None
+            grads = (
+                g_u,
+                g_delta,
+                g_A.to(A.dtype),
+                _from_time_major(g_B_t, B),
+                _from_time_major(g_C_t, C),
+                g_D.to(D.dtype) if D is not None else None,
+                g_z,
+                g_bias.to(delta_bias.dtype) if delta_bias is not None else None,
             )
-            if D is not None:
-                g_u_t.addcmul_(gy_t, D.to(gy_t.dtype))
-            del gy_t
-            if pre_t is not None:
-                g_delta_t.mul_(torch.sigmoid(pre_t, out=go_t))  # softplus' = sigmoid; go_t is spent
-            g_bias = g_delta_t.sum(dim=(0, 1)) if ctx.has_bias else None
-
-        lay = ctx.layouts
-        grads = (
-            _from_time_major(g_u_t, lay[0]) if needs[0] else None,
-            _from_time_major(g_delta_t, lay[1]) if needs[1] else None,
-            g_A.to(lay[2][0]) if needs[2] else None,
-            _from_time_major(g_B_t, lay[3]) if needs[3] else None,
-            _from_time_major(g_C_t, lay[4]) if needs[4] else None,
-            g_D.to(lay[5][0]) if needs[5] and g_D is not None else None,
-            _from_time_major(g_z_t, lay[6]) if g_z_t is not None else None,
-            g_bias.to(lay[7][0]) if needs[7] and g_bias is not None else None,
+        return (
+            *(g if need else None for g, need in zip(grads, ctx.needs_input_grad, strict=False)),
+            None,
+            None,
         )
-        return (*grads, None, None)
 
 
 def _selective_scan(
@@ -404,10 +454,12 @@ def _selective_scan(
     z: torch.Tensor | None = None,
     delta_bias: torch.Tensor | None = None,
     delta_softplus: bool = False,
-    chunk_size: int = CHUNK_SIZE,
+    chunk_size: int | None = None,
 ) -> torch.Tensor:
-    """`selective_scan` with an explicit chunk size (for benchmarks and tests)."""
+    """`selective_scan` with an explicit chunk size (None: `default_chunk_size`), for benchmarks and tests."""
     _check_shapes(u, delta, A, B, C, D, z, delta_bias)
+    if chunk_size is None:
+        chunk_size = default_chunk_size(u.shape[0], A.shape[1], u.shape[1])
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     if u.shape[-1] == 0:
@@ -415,13 +467,11 @@ def _selective_scan(
     inputs = (u, delta, A, B, C, D, z, delta_bias)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
         return _SelectiveScanFn.apply(*inputs, delta_softplus, chunk_size)
-    # Inference: no boundary states and nothing saved.
+    # Inference: no boundary states, nothing saved.
     with torch.autocast(device_type=u.device.type, enabled=False):
-        u_t, delta_t, _, Af, B_t, C_t = _prepare(u, delta, A, B, C, delta_bias, delta_softplus)
-        y_t, _ = _scan_chunks(u_t, delta_t, Af, B_t, C_t, chunk_size, keep_boundaries=False)
-        z_t = _to_time_major(z, u_t.dtype) if z is not None else None
-        out_t, _ = _epilogue(y_t, u_t, D, z_t)
-        return _from_time_major(out_t, _layout(u))
+        out = _new_output(u)
+        _scan_forward(_Inputs(*inputs, delta_softplus, chunk_size), out, None)
+    return out
 
 
 def selective_scan(
