@@ -66,7 +66,6 @@ hear-example: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/bench_step.py
-	$(PY) bench/bench_scan.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
