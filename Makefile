@@ -66,6 +66,8 @@ hear-example: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/bench_step.py
+	# The materialising baseline runs a 251-step autograd loop: about a minute per repetition.
+	$(PY) bench/bench_scan.py --methods scan,materialise --reps 3 --warmup 1
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
