@@ -84,6 +84,7 @@ OPTIONS = list(itertools.product([False, True], repeat=4))  # with_D, with_z, wi
 def test_matches_reference_outputs_and_gradients(
     with_D: bool, with_z: bool, with_bias: bool, softplus: bool, seq: int
 ) -> None:
+    """Every option combination: outputs and the gradients of all inputs match the oracle."""
     inputs = make_inputs(2, 12, 5, seq, with_D=with_D, with_z=with_z, with_bias=with_bias, softplus=softplus)
     grad_out = torch.randn(2, 12, seq, generator=torch.Generator().manual_seed(1))
     # 29 steps = 3 full chunks of 8 and a partial one
@@ -99,6 +100,7 @@ def test_matches_reference_outputs_and_gradients(
 
 
 def test_default_chunking_with_partial_last_chunk() -> None:
+    """The public entry point with its default chunk size, on a sequence that ends mid-chunk."""
     batch, d_inner, n_state, seq = 4, 64, 8, 150
     chunk = default_chunk_size(batch, n_state, d_inner)
     assert 4 <= chunk < seq and seq % chunk != 0
@@ -114,6 +116,7 @@ def test_default_chunking_with_partial_last_chunk() -> None:
 
 @pytest.mark.parametrize("chunk_size", [1, 2, 7, 64])
 def test_chunk_size_does_not_change_results(chunk_size: int) -> None:
+    """From one step per chunk to one chunk for the whole sequence, results agree."""
     inputs = make_inputs(3, 8, 4, 29, seed=2)
     grad_out = torch.randn(3, 8, 29, generator=torch.Generator().manual_seed(3))
     out, grads = run_with_grads(_selective_scan, inputs, True, grad_out, chunk_size=chunk_size)
@@ -124,6 +127,7 @@ def test_chunk_size_does_not_change_results(chunk_size: int) -> None:
 
 
 def test_gradcheck_float64() -> None:
+    """Finite differences in float64 with every option on, across three chunks."""
     inputs = make_inputs(2, 3, 2, 7, dtype=torch.float64, seed=4)
     names = list(inputs)
 
@@ -134,6 +138,7 @@ def test_gradcheck_float64() -> None:
 
 
 def test_gradcheck_float64_without_options() -> None:
+    """Finite differences in float64 for the bare scan (no D, z, bias, softplus)."""
     inputs = make_inputs(1, 2, 3, 5, with_D=False, with_z=False, with_bias=False, softplus=False, seed=5)
     inputs = {k: v.detach().double().requires_grad_() for k, v in inputs.items() if v is not None}
     names = list(inputs)
@@ -145,6 +150,7 @@ def test_gradcheck_float64_without_options() -> None:
 
 
 def test_long_sequence_with_huge_steps_stays_finite_and_exact() -> None:
+    """L = 4096 with steps up to ~1e3: finite everywhere and equal to the oracle."""
     seq = 4096
     inputs = make_inputs(1, 4, 3, seq, softplus=True, seed=6)
     with torch.no_grad():
@@ -162,6 +168,7 @@ def test_long_sequence_with_huge_steps_stays_finite_and_exact() -> None:
 
 
 def test_long_sequence_without_softplus_huge_raw_steps() -> None:
+    """Raw (no softplus) steps up to ~300 over 4100 steps: finite output and gradients."""
     seq = 4100
     inputs = make_inputs(2, 3, 2, seq, softplus=False, with_bias=False, seed=8)
     with torch.no_grad():
@@ -175,6 +182,7 @@ def test_long_sequence_without_softplus_huge_raw_steps() -> None:
 
 
 def test_bfloat16_inputs_give_bfloat16_output_close_to_float32() -> None:
+    """bf16 in, bf16 out (and bf16 gradients), computed in float32 internally."""
     inputs = make_inputs(2, 16, 4, 40, dtype=torch.bfloat16, seed=9)
     out = selective_scan(**inputs, delta_softplus=True)
     as_float = {k: v.detach().float() if v is not None else None for k, v in inputs.items()}
@@ -188,6 +196,7 @@ def test_bfloat16_inputs_give_bfloat16_output_close_to_float32() -> None:
 
 
 def test_autocast_runs_in_float32() -> None:
+    """Under CPU autocast the scan still computes in float32 and returns u's dtype."""
     inputs = make_inputs(2, 8, 3, 19, seed=10)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = selective_scan(**inputs, delta_softplus=True)
@@ -196,6 +205,7 @@ def test_autocast_runs_in_float32() -> None:
 
 
 def test_no_grad_path_matches_and_layouts_do_not_matter() -> None:
+    """The inference path equals the autograd path; strided and contiguous inputs agree."""
     inputs = make_inputs(3, 10, 4, 21, seed=11)
     with torch.no_grad():
         fast = selective_scan(**inputs, delta_softplus=True)
@@ -211,6 +221,7 @@ def test_no_grad_path_matches_and_layouts_do_not_matter() -> None:
 
 
 def test_gradient_only_for_some_inputs() -> None:
+    """Only some inputs require grad: those gradients are still right."""
     inputs = make_inputs(2, 6, 3, 11, seed=12)
     frozen = {k: (v.detach() if k not in ("u", "A") else v) for k, v in inputs.items()}
     out = selective_scan(**frozen, delta_softplus=True)
@@ -222,6 +233,7 @@ def test_gradient_only_for_some_inputs() -> None:
 
 
 def test_shape_errors_are_reported() -> None:
+    """Mismatched shapes raise ValueError naming the argument."""
     inputs = make_inputs(2, 6, 3, 11)
     with pytest.raises(ValueError, match="B must have shape"):
         selective_scan(**{**inputs, "B": inputs["B"][:, :2]})
