@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
@@ -66,14 +64,3 @@ class PatchEmbed(nn.Module):
         check_divisible(spec.shape[-2:], self.patch_size)
         x = self.proj(spec)  # [batch, d_model, gt, gf]
         return x.flatten(2).transpose(1, 2)
-
-
-def n_patches(frames: int, n_mels: int, patch_size: tuple[int, int]) -> int:
-    """Number of patches of a spectrogram of `frames` x `n_mels`."""
-    gt, gf = check_divisible((frames, n_mels), patch_size)
-    return gt * gf
-
-
-def ceil_to_multiple(x: int, k: int) -> int:
-    """Smallest multiple of k that is >= x."""
-    return int(math.ceil(x / k) * k)
