@@ -4,10 +4,15 @@
     python bench/bench_scan.py --seq 1024 --reps 5
 
 Methods:
-  scan         msm_lightning's chunked `selective_scan` (boundary states only, recompute in backward)
-  materialise  exp(delta A) and delta B u for every step up front, then a step loop under autograd
-               (the structure of mamba-ssm's `selective_scan_ref` and Hugging Face's slow Mamba path)
-  reference    msm_lightning's step-by-step `selective_scan_reference` (the test oracle)
+  scan               msm_lightning's chunked `selective_scan` (boundary states only, recompute in backward)
+  materialise        exp(delta A) and delta B u for every step up front ([batch, d_inner, L, N] each), then a
+                     step loop under autograd that keeps every state: the structure of mamba-ssm's
+                     `selective_scan_ref` and Hugging Face's slow Mamba path. The per-step slices are taken
+                     with one `unbind`, so autograd stacks their gradients once.
+  materialise-index  the same, but indexing decays[:, :, t] inside the loop as those references do: autograd
+                     then scatters every step's gradient into a fresh full-size [batch, d_inner, L, N]
+                     tensor and sums them, O(L^2) work (not run by default: tens of seconds per call)
+  reference          msm_lightning's step-by-step `selective_scan_reference` (the test oracle)
 
 Every method runs in its own fresh subprocess. Peak memory is the growth of the process's peak resident
 set size (getrusage ru_maxrss) from just before the first scan call to the end, so it counts everything the
@@ -41,7 +46,8 @@ from msm_lightning.encoders.selective_scan import (
     selective_scan_reference,
 )
 
-METHODS = ("scan", "materialise", "reference")
+METHODS = ("scan", "materialise", "materialise-index", "reference")
+DEFAULT_METHODS = ("scan", "materialise", "reference")
 
 
 def scan_materialise(
@@ -54,6 +60,7 @@ def scan_materialise(
     z: torch.Tensor | None = None,
     delta_bias: torch.Tensor | None = None,
     delta_softplus: bool = False,
+    index_each_step: bool = False,
 ) -> torch.Tensor:
     """Baseline: materialise decays and drives for all L steps, then recur with autograd saving each state."""
     out_dtype = u.dtype
@@ -66,9 +73,14 @@ def scan_materialise(
     drives = (delta * u).unsqueeze(-1) * B.transpose(1, 2)[:, None]  # [batch, d_inner, L, N]
     h = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])  # [batch, d_inner, N]
     outputs = []
-    for t in range(u.shape[-1]):
-        h = decays[:, :, t] * h + drives[:, :, t]
-        outputs.append(torch.bmm(h, C[:, :, t, None]).squeeze(-1))  # [batch, d_inner]
+    if index_each_step:
+        for t in range(u.shape[-1]):
+            h = decays[:, :, t] * h + drives[:, :, t]
+            outputs.append(torch.bmm(h, C[:, :, t, None]).squeeze(-1))  # [batch, d_inner]
+    else:
+        for decay, drive, c in zip(decays.unbind(2), drives.unbind(2), C.unbind(2), strict=True):
+            h = decay * h + drive
+            outputs.append(torch.bmm(h, c[:, :, None]).squeeze(-1))
     y = torch.stack(outputs, dim=-1)  # [batch, d_inner, L]
     if D is not None:
         y = y + D.float()[:, None] * u
@@ -133,11 +145,16 @@ def worker(args: argparse.Namespace) -> dict[str, float]:
     scan = {
         "scan": lambda **kw: _selective_scan(**kw, chunk_size=args.chunk or None),
         "materialise": scan_materialise,
+        "materialise-index": lambda **kw: scan_materialise(**kw, index_each_step=True),
         "reference": selective_scan_reference,
     }[args.worker]
-    # A tiny call first, so one-off library initialisation does not count as the scan's memory.
-    tiny = make_inputs(1, 4, 2, 3)
-    scan(**tiny, delta_softplus=True).sum().backward()
+    # A small call first, so one-off library initialisation does not count as the scan's memory; it also
+    # checks that the method computes the same function as the oracle.
+    small = make_inputs(2, 8, 4, 21)
+    torch.testing.assert_close(
+        scan(**small, delta_softplus=True), selective_scan_reference(**small, delta_softplus=True)
+    )
+    scan(**small, delta_softplus=True).sum().backward()
     inputs = make_inputs(args.batch, args.d_inner, args.d_state, args.seq)
     grad_out = torch.randn(args.batch, args.seq, args.d_inner).transpose(1, 2)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
@@ -197,7 +214,9 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=10, help="timed repetitions per method")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: PyTorch's default)")
-    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {METHODS}")
+    parser.add_argument(
+        "--methods", default=",".join(DEFAULT_METHODS), help=f"comma-separated, from {METHODS}"
+    )
     parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -218,7 +237,7 @@ def main() -> None:
         results[method] = json.loads(proc.stdout.strip().splitlines()[-1])
 
     header = (
-        f"{'method':<12} {'fwd+bwd min':>12} {'fwd+bwd med':>12} {'fwd-only min':>13} "
+        f"{'method':<18} {'fwd+bwd min':>12} {'fwd+bwd med':>12} {'fwd-only min':>13} "
         f"{'peak RSS +':>11} {'saved':>9} {'other load':>11}"
     )
     print(f"threads: {results[methods[0]]['threads']}")
@@ -226,7 +245,7 @@ def main() -> None:
     print("-" * len(header))
     for method, r in results.items():
         print(
-            f"{method:<12} {r['fb_min']:>9.1f} ms {r['fb_median']:>9.1f} ms {r['fwd_min']:>10.1f} ms "
+            f"{method:<18} {r['fb_min']:>9.1f} ms {r['fb_median']:>9.1f} ms {r['fwd_min']:>10.1f} ms "
             f"{r['peak_mib']:>7.1f} MiB {r['saved_mib']:>5.1f} MiB {100 * r['others']:>10.0f}%"
         )
     if "scan" in results and "materialise" in results:

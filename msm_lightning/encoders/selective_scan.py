@@ -136,10 +136,10 @@ def _to_time_major(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return out  # [L, batch, C]
 
 
-def _empty_like_layout(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Dense uninitialised tensor shaped like x whose dimensions are ordered in memory like x's."""
+def _empty_like_layout(x: torch.Tensor) -> torch.Tensor:
+    """Dense uninitialised tensor like x (perhaps a strided view), dimensions in the same memory order."""
     order = sorted(range(x.dim()), key=lambda i: (-x.stride(i), i))
-    out = torch.empty([x.shape[i] for i in order], dtype=dtype or x.dtype, device=x.device)
+    out = torch.empty([x.shape[i] for i in order], dtype=x.dtype, device=x.device)
     return out.permute([order.index(i) for i in range(x.dim())])
 
 
