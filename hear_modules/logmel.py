@@ -21,49 +21,31 @@ import torch.nn.functional as F
 from torch import nn
 
 from msm_lightning.frontend import LogMelFrontend
-from msm_lightning.hear import check_audio
+
+# The 40 ms grid lives with the model wrapper; re-exported here for the peers built on this baseline.
+from msm_lightning.hear import (
+    FRAMES_PER_STEP,
+    HOP_LENGTH,
+    SAMPLE_RATE,
+    check_audio,
+    grid_n_frames,
+    grid_n_timestamps,
+    grid_timestamps,
+)
 
 __all__ = [
+    "FRAMES_PER_STEP",
+    "HOP_LENGTH",
+    "SAMPLE_RATE",
     "LogMelBaseline",
     "get_scene_embeddings",
     "get_timestamp_embeddings",
+    "grid_n_frames",
+    "grid_n_timestamps",
     "grid_timestamps",
     "load_model",
     "pool_frames",
 ]
-
-SAMPLE_RATE = 16000
-HOP_LENGTH = 160  # 10 ms frames, as in the SPEC front end
-FRAMES_PER_STEP = 4  # one timestamp per 4 frames = 40 ms, the patch time step of our models
-
-
-def grid_n_frames(n_samples: int, hop_length: int = HOP_LENGTH) -> int:
-    """Centred STFT frames of a clip of `n_samples`: frame `i` is centred on sample `i * hop_length`."""
-    return 1 + n_samples // hop_length
-
-
-def grid_n_timestamps(
-    n_samples: int, hop_length: int = HOP_LENGTH, frames_per_step: int = FRAMES_PER_STEP
-) -> int:
-    """Timestamps of a clip of `n_samples`: one per group of `frames_per_step` frames holding real frames."""
-    return math.ceil(grid_n_frames(n_samples, hop_length) / frames_per_step)
-
-
-def grid_timestamps(
-    n_samples: int,
-    sample_rate: int = SAMPLE_RATE,
-    hop_length: int = HOP_LENGTH,
-    frames_per_step: int = FRAMES_PER_STEP,
-) -> torch.Tensor:
-    """Timestamps [T] in ms (float32): centre of each frame group, clipped to the clip's duration."""
-    # Same formula as HearModel.n_frames / n_timestamps / timestamps in msm_lightning/hear.py, which are
-    # methods of a model object; it is restated here so the baselines need no encoder, and
-    # tests/test_baselines.py checks that both give identical timestamps.
-    frame_ms = 1000.0 * hop_length / sample_rate
-    steps = torch.arange(grid_n_timestamps(n_samples, hop_length, frames_per_step), dtype=torch.float64)
-    centres = (steps * frames_per_step + (frames_per_step - 1) / 2) * frame_ms
-    duration_ms = 1000.0 * n_samples / sample_rate
-    return centres.clamp(max=duration_ms).float()
 
 
 def pool_frames(frames: torch.Tensor, frames_per_step: int = FRAMES_PER_STEP) -> torch.Tensor:

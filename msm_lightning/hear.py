@@ -37,6 +37,37 @@ DEFAULT_CHUNK_BATCH = 16  # chunks encoded at once: bounds memory for minutes-lo
 RANDOM_WEIGHTS_SEED = 0  # random-weight models are seeded, so every process builds the same one
 
 
+SAMPLE_RATE = 16000
+HOP_LENGTH = 160  # 10 ms frames, as in the SPEC front end
+FRAMES_PER_STEP = 4  # one timestamp per 4 frames = 40 ms, the patch time step of our models
+
+
+def grid_n_frames(n_samples: int, hop_length: int = HOP_LENGTH) -> int:
+    """Centred STFT frames of a clip of `n_samples`: frame `i` is centred on sample `i * hop_length`."""
+    return 1 + n_samples // hop_length
+
+
+def grid_n_timestamps(
+    n_samples: int, hop_length: int = HOP_LENGTH, frames_per_step: int = FRAMES_PER_STEP
+) -> int:
+    """Timestamps of a clip of `n_samples`: one per group of `frames_per_step` frames holding real frames."""
+    return math.ceil(grid_n_frames(n_samples, hop_length) / frames_per_step)
+
+
+def grid_timestamps(
+    n_samples: int,
+    sample_rate: int = SAMPLE_RATE,
+    hop_length: int = HOP_LENGTH,
+    frames_per_step: int = FRAMES_PER_STEP,
+) -> torch.Tensor:
+    """Timestamps [T] in ms (float32): centre of each frame group, clipped to the clip's duration."""
+    frame_ms = 1000.0 * hop_length / sample_rate
+    steps = torch.arange(grid_n_timestamps(n_samples, hop_length, frames_per_step), dtype=torch.float64)
+    centres = (steps * frames_per_step + (frames_per_step - 1) / 2) * frame_ms
+    duration_ms = 1000.0 * n_samples / sample_rate
+    return centres.clamp(max=duration_ms).float()
+
+
 class HearModel(nn.Module):
     """A MaskedSpectrogramModel with the HEAR attributes and the chunked embedding computation."""
 
@@ -69,18 +100,15 @@ class HearModel(nn.Module):
 
     def n_frames(self, n_samples: int) -> int:
         """Log-mel frames of a clip of `n_samples` (centred STFT frames)."""
-        return 1 + n_samples // self.hop_length
+        return grid_n_frames(n_samples, self.hop_length)
 
     def n_timestamps(self, n_samples: int) -> int:
         """Embeddings per clip of `n_samples`: one per patch time step that holds real frames."""
-        return math.ceil(self.n_frames(n_samples) / self.patch_frames)
+        return grid_n_timestamps(n_samples, self.hop_length, self.patch_frames)
 
     def timestamps(self, n_samples: int) -> torch.Tensor:
         """Timestamps [n_timestamps] in ms: centre of each patch's frames, clipped to the clip's duration."""
-        steps = torch.arange(self.n_timestamps(n_samples), dtype=torch.float64)
-        centres = (steps * self.patch_frames + (self.patch_frames - 1) / 2) * self.frame_ms
-        duration_ms = 1000.0 * n_samples / self.sample_rate
-        return centres.clamp(max=duration_ms).float()
+        return grid_timestamps(n_samples, self.sample_rate, self.hop_length, self.patch_frames)
 
     def spectrogram(self, audio: torch.Tensor) -> torch.Tensor:
         """Per-clip normalised log-mel [n_sounds, n_frames, n_mels] of float32 audio on the model's device."""
