@@ -76,21 +76,32 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str, atol: 
     torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
 
 
+# The public entry point runs the compiled CPU kernel by default; every public-API test runs both paths.
+KERNEL_OR_TORCH = [True, False]
+
 OPTIONS = list(itertools.product([False, True], repeat=4))  # with_D, with_z, with_bias, softplus
+
+
+IMPLEMENTATIONS = {
+    # 29 steps = 3 full chunks of 8 and a partial one
+    "chunked": lambda **kw: _selective_scan(**kw, chunk_size=8),
+    # 37 channels = two full blocks of 16 and a partial one
+    "kernel": lambda **kw: selective_scan(**kw, use_kernel=True),
+}
 
 
 @pytest.mark.parametrize(("with_D", "with_z", "with_bias", "softplus"), OPTIONS)
 @pytest.mark.parametrize("seq", [1, 29])
+@pytest.mark.parametrize("implementation", sorted(IMPLEMENTATIONS))
 def test_matches_reference_outputs_and_gradients(
-    with_D: bool, with_z: bool, with_bias: bool, softplus: bool, seq: int
+    with_D: bool, with_z: bool, with_bias: bool, softplus: bool, seq: int, implementation: str
 ) -> None:
-    """Every option combination: outputs and the gradients of all inputs match the oracle."""
-    inputs = make_inputs(2, 12, 5, seq, with_D=with_D, with_z=with_z, with_bias=with_bias, softplus=softplus)
-    grad_out = torch.randn(2, 12, seq, generator=torch.Generator().manual_seed(1))
-    # 29 steps = 3 full chunks of 8 and a partial one
-    out, grads = run_with_grads(_selective_scan, inputs, softplus, grad_out, chunk_size=8)
+    """Every option combination, both implementations: output and all input gradients match the oracle."""
+    inputs = make_inputs(3, 37, 5, seq, with_D=with_D, with_z=with_z, with_bias=with_bias, softplus=softplus)
+    grad_out = torch.randn(3, 37, seq, generator=torch.Generator().manual_seed(1))
+    out, grads = run_with_grads(IMPLEMENTATIONS[implementation], inputs, softplus, grad_out)
     ref_out, ref_grads = run_with_grads(selective_scan_reference, inputs, softplus, grad_out)
-    assert out.shape == (2, 12, seq)
+    assert out.shape == (3, 37, seq)
     assert out.dtype == torch.float32
     assert_close(out, ref_out, "output", atol=1e-5, rtol=1e-4)
     assert set(grads) == set(ref_grads)
@@ -99,7 +110,8 @@ def test_matches_reference_outputs_and_gradients(
         assert_close(grads[name], ref_grads[name], f"grad {name}", atol=1e-4, rtol=1e-3)
 
 
-def test_default_chunking_with_partial_last_chunk() -> None:
+@pytest.mark.parametrize("use_kernel", KERNEL_OR_TORCH)
+def test_default_chunking_with_partial_last_chunk(use_kernel: bool) -> None:
     """The public entry point with its default chunk size, on a sequence that ends mid-chunk."""
     batch, d_inner, n_state, seq = 4, 64, 8, 150
     chunk = default_chunk_size(batch, n_state, d_inner)
@@ -107,7 +119,7 @@ def test_default_chunking_with_partial_last_chunk() -> None:
     assert default_chunk_size(8, 24, 576) == 8  # Mamba-Tiny training shapes
     inputs = make_inputs(batch, d_inner, n_state, seq, seed=13)
     grad_out = torch.randn(batch, d_inner, seq, generator=torch.Generator().manual_seed(14))
-    out, grads = run_with_grads(selective_scan, inputs, True, grad_out)
+    out, grads = run_with_grads(selective_scan, inputs, True, grad_out, use_kernel=use_kernel)
     ref_out, ref_grads = run_with_grads(selective_scan_reference, inputs, True, grad_out)
     assert_close(out, ref_out, "output", atol=1e-5, rtol=1e-4)
     for name in grads:
@@ -149,7 +161,8 @@ def test_gradcheck_float64_without_options() -> None:
     assert torch.autograd.gradcheck(fn, tuple(inputs.values()), eps=1e-6, atol=1e-6, rtol=1e-4)
 
 
-def test_long_sequence_with_huge_steps_stays_finite_and_exact() -> None:
+@pytest.mark.parametrize("use_kernel", KERNEL_OR_TORCH)
+def test_long_sequence_with_huge_steps_stays_finite_and_exact(use_kernel: bool) -> None:
     """L = 4096 with steps up to ~1e3: finite everywhere and equal to the oracle."""
     seq = 4096
     inputs = make_inputs(1, 4, 3, seq, softplus=True, seed=6)
@@ -158,7 +171,7 @@ def test_long_sequence_with_huge_steps_stays_finite_and_exact() -> None:
         pre = torch.linspace(-9.0, 1000.0, seq).roll(seq // 3)
         inputs["delta"].copy_(pre.expand(1, 4, seq) + torch.randn(1, 4, seq))
     grad_out = torch.randn(1, 4, seq, generator=torch.Generator().manual_seed(7))
-    out, grads = run_with_grads(selective_scan, inputs, True, grad_out)
+    out, grads = run_with_grads(selective_scan, inputs, True, grad_out, use_kernel=use_kernel)
     ref_out, ref_grads = run_with_grads(selective_scan_reference, inputs, True, grad_out)
     assert torch.isfinite(out).all()
     assert_close(out, ref_out, "output", atol=1e-4, rtol=1e-3)
@@ -167,13 +180,14 @@ def test_long_sequence_with_huge_steps_stays_finite_and_exact() -> None:
         assert_close(grads[name], ref_grads[name], f"grad {name}", atol=1e-3, rtol=1e-3)
 
 
-def test_long_sequence_without_softplus_huge_raw_steps() -> None:
+@pytest.mark.parametrize("use_kernel", KERNEL_OR_TORCH)
+def test_long_sequence_without_softplus_huge_raw_steps(use_kernel: bool) -> None:
     """Raw (no softplus) steps up to ~300 over 4100 steps: finite output and gradients."""
     seq = 4100
     inputs = make_inputs(2, 3, 2, seq, softplus=False, with_bias=False, seed=8)
     with torch.no_grad():
         inputs["delta"].mul_(torch.logspace(-3, 3, seq))  # raw steps up to ~300
-    out = selective_scan(**inputs)
+    out = selective_scan(**inputs, use_kernel=use_kernel)
     ref = selective_scan_reference(**inputs)
     assert torch.isfinite(out).all()
     assert_close(out, ref, "output", atol=1e-4, rtol=1e-3)
@@ -181,10 +195,11 @@ def test_long_sequence_without_softplus_huge_raw_steps() -> None:
     assert all(torch.isfinite(t.grad).all() for t in inputs.values() if t is not None)
 
 
-def test_bfloat16_inputs_give_bfloat16_output_close_to_float32() -> None:
+@pytest.mark.parametrize("use_kernel", KERNEL_OR_TORCH)
+def test_bfloat16_inputs_give_bfloat16_output_close_to_float32(use_kernel: bool) -> None:
     """bf16 in, bf16 out (and bf16 gradients), computed in float32 internally."""
     inputs = make_inputs(2, 16, 4, 40, dtype=torch.bfloat16, seed=9)
-    out = selective_scan(**inputs, delta_softplus=True)
+    out = selective_scan(**inputs, delta_softplus=True, use_kernel=use_kernel)
     as_float = {k: v.detach().float() if v is not None else None for k, v in inputs.items()}
     expected = selective_scan_reference(**as_float, delta_softplus=True)
     assert out.dtype == torch.bfloat16
@@ -195,24 +210,26 @@ def test_bfloat16_inputs_give_bfloat16_output_close_to_float32() -> None:
         assert torch.isfinite(tensor.grad.float()).all(), name
 
 
-def test_autocast_runs_in_float32() -> None:
+@pytest.mark.parametrize("use_kernel", KERNEL_OR_TORCH)
+def test_autocast_runs_in_float32(use_kernel: bool) -> None:
     """Under CPU autocast the scan still computes in float32 and returns u's dtype."""
     inputs = make_inputs(2, 8, 3, 19, seed=10)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = selective_scan(**inputs, delta_softplus=True)
+        out = selective_scan(**inputs, delta_softplus=True, use_kernel=use_kernel)
     assert out.dtype == torch.float32
     assert_close(out, selective_scan_reference(**inputs, delta_softplus=True), "output", atol=1e-5, rtol=1e-4)
 
 
-def test_no_grad_path_matches_and_layouts_do_not_matter() -> None:
+@pytest.mark.parametrize("use_kernel", KERNEL_OR_TORCH)
+def test_no_grad_path_matches_and_layouts_do_not_matter(use_kernel: bool) -> None:
     """The inference path equals the autograd path; strided and contiguous inputs agree."""
     inputs = make_inputs(3, 10, 4, 21, seed=11)
     with torch.no_grad():
-        fast = selective_scan(**inputs, delta_softplus=True)
+        fast = selective_scan(**inputs, delta_softplus=True, use_kernel=use_kernel)
         contiguous = {k: v.contiguous() if v is not None else None for k, v in inputs.items()}
-        same = selective_scan(**contiguous, delta_softplus=True)
+        same = selective_scan(**contiguous, delta_softplus=True, use_kernel=use_kernel)
     assert not fast.requires_grad
-    with_grad = selective_scan(**inputs, delta_softplus=True)
+    with_grad = selective_scan(**inputs, delta_softplus=True, use_kernel=use_kernel)
     assert with_grad.requires_grad
     torch.testing.assert_close(fast, with_grad.detach(), atol=0, rtol=0)
     torch.testing.assert_close(fast, same, atol=1e-6, rtol=1e-6)  # strided kernels may round differently
@@ -220,11 +237,12 @@ def test_no_grad_path_matches_and_layouts_do_not_matter() -> None:
     assert_close(fast, ref.detach(), "output", atol=1e-5, rtol=1e-4)
 
 
-def test_gradient_only_for_some_inputs() -> None:
+@pytest.mark.parametrize("use_kernel", KERNEL_OR_TORCH)
+def test_gradient_only_for_some_inputs(use_kernel: bool) -> None:
     """Only some inputs require grad: those gradients are still right."""
     inputs = make_inputs(2, 6, 3, 11, seed=12)
     frozen = {k: (v.detach() if k not in ("u", "A") else v) for k, v in inputs.items()}
-    out = selective_scan(**frozen, delta_softplus=True)
+    out = selective_scan(**frozen, delta_softplus=True, use_kernel=use_kernel)
     gu, gA = torch.autograd.grad(out.sum(), [frozen["u"], frozen["A"]])
     ref = selective_scan_reference(**frozen, delta_softplus=True)
     ru, rA = torch.autograd.grad(ref.sum(), [frozen["u"], frozen["A"]])
@@ -232,10 +250,11 @@ def test_gradient_only_for_some_inputs() -> None:
     assert_close(gA, rA, "grad A", atol=1e-4, rtol=1e-3)
 
 
-def test_shape_errors_are_reported() -> None:
+@pytest.mark.parametrize("use_kernel", KERNEL_OR_TORCH)
+def test_shape_errors_are_reported(use_kernel: bool) -> None:
     """Mismatched shapes raise ValueError naming the argument."""
     inputs = make_inputs(2, 6, 3, 11)
     with pytest.raises(ValueError, match="B must have shape"):
-        selective_scan(**{**inputs, "B": inputs["B"][:, :2]})
+        selective_scan(**{**inputs, "B": inputs["B"][:, :2]}, use_kernel=use_kernel)
     with pytest.raises(ValueError, match="A must be"):
-        selective_scan(**{**inputs, "A": inputs["A"][:5]})
+        selective_scan(**{**inputs, "A": inputs["A"][:5]}, use_kernel=use_kernel)

@@ -38,6 +38,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from msm_lightning.encoders.cpu_scan import ScanKernel, empty_like_layout, kernel_selective_scan, load_kernel
+
 __all__ = ["default_chunk_size", "selective_scan", "selective_scan_reference"]
 
 # Budget for the three [chunk, batch, N, d_inner] float32 work buffers. Chunks should be long enough to
@@ -134,13 +136,6 @@ def _to_time_major(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     out = torch.empty(x.shape[2], x.shape[0], x.shape[1], dtype=dtype, device=x.device)
     out.copy_(x.permute(2, 0, 1))
     return out  # [L, batch, C]
-
-
-def _empty_like_layout(x: torch.Tensor) -> torch.Tensor:
-    """Dense uninitialised tensor like x (perhaps a strided view), dimensions in the same memory order."""
-    order = sorted(range(x.dim()), key=lambda i: (-x.stride(i), i))
-    out = torch.empty([x.shape[i] for i in order], dtype=x.dtype, device=x.device)
-    return out.permute([order.index(i) for i in range(x.dim())])
 
 
 class _Buffers:
@@ -373,7 +368,7 @@ def _scan_backward(
 
 def _from_time_major(x_t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """[L, batch, C] -> [batch, C, L] with the dtype and memory layout of `like` (one copy)."""
-    out = _empty_like_layout(like)
+    out = empty_like_layout(like)
     out.copy_(x_t.permute(1, 2, 0))
     return out
 
@@ -422,9 +417,9 @@ class _SelectiveScanFn(torch.autograd.Function):
         u, delta, A, B, C, D, z, delta_bias, boundaries = ctx.saved_tensors
         with torch.autocast(device_type=u.device.type, enabled=False):
             x = _Inputs(u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, ctx.chunk)
-            g_u = _empty_like_layout(u)
-            g_delta = _empty_like_layout(delta)
-            g_z = _empty_like_layout(z) if z is not None and ctx.needs_input_grad[6] else None
+            g_u = empty_like_layout(u)
+            g_delta = empty_like_layout(delta)
+            g_z = empty_like_layout(z) if z is not None and ctx.needs_input_grad[6] else None
             g_A, g_B_t, g_C_t, g_D = _scan_backward(x, grad_out, boundaries, g_u, g_delta, g_z)
             g_bias = g_delta.sum(dim=(0, 2), dtype=x.dtype) if delta_bias is not None else None
             grads = (
@@ -474,6 +469,14 @@ def _selective_scan(
     return out
 
 
+def kernel_applies(u: torch.Tensor, A: torch.Tensor, use_kernel: bool) -> ScanKernel | None:
+    """The compiled CPU kernel if this call can use it: requested, CPU tensors, not float64, it builds."""
+    if not use_kernel or u.device.type != "cpu" or u.dtype == torch.float64:
+        return None
+    kernel = load_kernel()
+    return kernel if kernel is not None and A.shape[1] <= kernel.max_state else None
+
+
 def selective_scan(
     u: torch.Tensor,
     delta: torch.Tensor,
@@ -484,6 +487,15 @@ def selective_scan(
     z: torch.Tensor | None = None,
     delta_bias: torch.Tensor | None = None,
     delta_softplus: bool = False,
+    use_kernel: bool = True,
 ) -> torch.Tensor:
-    """Chunked, memory-lean selective scan with the semantics of mamba-ssm's `selective_scan_fn`."""
+    """Selective scan with the semantics of mamba-ssm's `selective_scan_fn`.
+
+    On the CPU with `use_kernel`, the compiled kernel of `cpu_scan.py` runs the recurrence; otherwise (and
+    when it cannot be built) the chunked, memory-lean PyTorch scan of this module does.
+    """
+    kernel = kernel_applies(u, A, use_kernel)
+    if kernel is not None and u.shape[-1] > 0:
+        _check_shapes(u, delta, A, B, C, D, z, delta_bias)
+        return kernel_selective_scan(kernel, u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     return _selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
