@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 MSM := $(VENV)/bin/msm
 
 # `msm data build` needs fluidsynth (apt) to render notes; installed here when running as root.
-.PHONY: data install test test-slow test-heareval demo hear-example bench lint format clean
+.PHONY: data install test test-slow test-heareval demo demo-synth benchmark hear-example bench lint format clean
 
 install: $(STAMP)
 
@@ -39,9 +39,30 @@ $(HEAREVAL_STAMP): $(STAMP)
 test-heareval: $(HEAREVAL_STAMP)
 	MSM_REQUIRE_HEAREVAL=1 $(HEAREVAL_VENV)/bin/python -m pytest -q -m slow tests/test_heareval_integration.py
 
+# Real audio end to end (README, "msm demo"): the data if it is missing, SSAM-T pretrained for 10 min,
+# then pretrained vs random weights vs log-mel on a subset of the six tasks. Options: DEMO_ARGS="--minutes 5".
+DEMO_ARGS ?=
 demo: $(STAMP)
-	$(VENV)/bin/msm synth data/demo --n-files 64 --n-corrupt 2
-	$(VENV)/bin/msm fit --config demo.yaml
+	test -d data/real/tasks || $(MAKE) data
+	$(MSM) demo $(DEMO_ARGS)
+
+# The synthetic-corpus smoke run: 100 CPU steps of SSAM-T on 64 generated clips.
+demo-synth: $(STAMP)
+	$(MSM) synth data/demo --n-files 64 --n-corrupt 2
+	$(MSM) fit --config demo.yaml
+
+# The full comparison on the six real tasks (hours on a CPU; rerun the same command to resume).
+# Options: BENCHMARK_ARGS="--steps 1000 --no-peers".
+BENCHMARK_ARGS ?=
+PEERS_STAMP := $(VENV)/.installed-peers
+
+$(PEERS_STAMP): $(STAMP)
+	$(PY) -m pip install -e ".[peers]"
+	touch $@
+
+benchmark: $(PEERS_STAMP)
+	test -d data/real/tasks || $(MAKE) data
+	$(MSM) benchmark $(BENCHMARK_ARGS)
 
 data: $(STAMP)
 	@if ! command -v fluidsynth >/dev/null; then \
@@ -53,7 +74,7 @@ data: $(STAMP)
 # From the demo checkpoint to an s(m) table on the two synthetic HEAR tasks (README, "Evaluate on HEAR").
 HEAR_DIR := runs/hear-example
 hear-example: $(STAMP)
-	test -f runs/demo/checkpoints/last.ckpt || $(MAKE) demo
+	test -f runs/demo/checkpoints/last.ckpt || $(MAKE) demo-synth
 	$(MSM) synth data/hear-tasks --tasks
 	$(MSM) export runs/demo/checkpoints/last.ckpt $(HEAR_DIR)/ssam-tiny-demo
 	$(MSM) embed --module hear_modules.ssam --model $(HEAR_DIR)/ssam-tiny-demo --tasks data/hear-tasks --out $(HEAR_DIR)/emb-pretrained
@@ -67,7 +88,7 @@ hear-example: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/bench_step.py
 	# The materialising baseline runs a 251-step autograd loop: about a minute per repetition.
-	$(PY) bench/bench_scan.py --methods scan,materialise --reps 3 --warmup 1
+	$(PY) bench/bench_scan.py --methods kernel,scan,materialise --reps 3 --warmup 1
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .

@@ -144,6 +144,8 @@ TOOLS: dict[str, str] = {
     "embed": "msm_lightning.embed:main",
     "evaluate": "msm_lightning.evaluate:main",
     "score": "msm_lightning.score:main",
+    "demo": "msm_lightning.pipeline:demo_main",
+    "benchmark": "msm_lightning.pipeline:benchmark_main",
 }
 
 
