@@ -139,10 +139,31 @@ def test_missing_data_names_make_data(tmp_path):
         pipeline.run_benchmark(args, runner=_no_tool)
 
 
+def test_a_run_folder_in_use_is_refused_and_a_stale_lock_taken_over(tmp_path):
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    run.mkdir()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (run / ".lock").write_text(f"{sleeper.pid}\n")
+        args = pipeline.demo_parser().parse_args(["--data", str(tmp_path / "none"), "--out", str(run)])
+        with pytest.raises(SystemExit, match=f"another pipeline \\(process {sleeper.pid}\\)"):
+            pipeline.run_demo(args, runner=_no_tool)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    # The owner is gone: the lock is taken over (the run then stops at the missing data) and released.
+    with pytest.raises(SystemExit, match="make data"):
+        pipeline.run_demo(args, runner=_no_tool)
+    assert not (run / ".lock").exists()
+
+
 def test_missing_peers_names_the_extra(monkeypatch, tmp_path):
-    real = pipeline.importlib.util.find_spec
+    # Only torchcrepe missing, whatever this environment has installed (CI has no `peers` extra).
     monkeypatch.setattr(
-        pipeline.importlib.util, "find_spec", lambda name: None if name == "torchcrepe" else real(name)
+        pipeline.importlib.util, "find_spec", lambda name: None if name == "torchcrepe" else object()
     )
     with pytest.raises(SystemExit, match=r"extra `peers` \(torchcrepe missing\)"):
         pipeline.check_peers("benchmark")
