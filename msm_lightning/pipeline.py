@@ -27,11 +27,13 @@ import argparse
 import datetime
 import importlib.util
 import json
+import os
 import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -538,8 +540,65 @@ def demo_steps(family: str, minutes: float) -> int:
     return max(10, int(minutes * 60 / SECONDS_PER_STEP[family]))
 
 
+def _lock_owner(lock: Path) -> int | None:
+    """The process id written in a lock file, None if it cannot be read."""
+    try:
+        return int(lock.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _running(pid: int) -> bool:
+    """Whether a process with this id exists."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+@contextmanager
+def run_lock(root: Path, command: str) -> Iterator[None]:
+    """Hold `<root>/.lock` for the run, so two pipelines never work in one run folder at once.
+
+    Two runs in one folder embed the same task at the same time (msm embed restarts an unfinished task by
+    deleting it) and read embeddings the other is still writing. A lock left by a process that no longer
+    runs is taken over.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    lock = root / ".lock"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            owner = _lock_owner(lock)
+            if owner is not None and owner != os.getpid() and _running(owner):
+                raise SystemExit(
+                    f"msm {command}: another pipeline (process {owner}) is working in '{root}'; wait for it "
+                    f"to end, or use another --out (if no such run is going on, delete '{lock}')"
+                ) from None
+            lock.unlink(missing_ok=True)
+    else:
+        raise SystemExit(f"msm {command}: cannot create the lock file '{lock}'")
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{os.getpid()}\n")
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
 def run_demo(args: argparse.Namespace, runner: Runner = run_command) -> Pipeline:
     """The `msm demo` stages; returns the finished pipeline (its log holds the timings)."""
+    with run_lock(Path(args.out), "demo"):
+        return _demo(args, runner)
+
+
+def _demo(args: argparse.Namespace, runner: Runner) -> Pipeline:
+    """`run_demo` inside the run folder's lock."""
     data, out = Path(args.data), Path(args.out)
     steps = args.steps or demo_steps(args.family, args.minutes)
     settings = EvalSettings(args.seeds, "restricted", args.eval_threads, args.max_epochs)
@@ -579,6 +638,12 @@ def run_demo(args: argparse.Namespace, runner: Runner = run_command) -> Pipeline
 
 def run_benchmark(args: argparse.Namespace, runner: Runner = run_command) -> Pipeline:
     """The `msm benchmark` stages; returns the finished pipeline (its log holds the timings)."""
+    with run_lock(Path(args.out), "benchmark"):
+        return _benchmark(args, runner)
+
+
+def _benchmark(args: argparse.Namespace, runner: Runner) -> Pipeline:
+    """`run_benchmark` inside the run folder's lock."""
     data, out = Path(args.data), Path(args.out)
     settings = EvalSettings(args.seeds, args.grid, args.eval_threads, args.max_epochs)
     families = list(args.families)

@@ -1,10 +1,11 @@
-"""Command line of `msm data`: build, check, verify."""
+"""Command line of `msm data`: build, check, verify, subset."""
 
 from __future__ import annotations
 
 import argparse
 
 from msm_lightning.realdata import DATA_VERSION
+from msm_lightning.realdata import subset as subset_cmd
 from msm_lightning.realdata.build import STEPS, build, verify
 from msm_lightning.realdata.check import check_report
 from msm_lightning.realdata.packages import PackageError
@@ -38,12 +39,16 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("check", help="which external tools are present and what to install")
     v = sub.add_parser("verify", help="re-hash every built output against its checksums.sha256")
     v.add_argument("--out", default=DEFAULT_OUT)
+    subset_cmd.add_parser(sub)
     return parser
 
 
 def main(argv: list[str]) -> None:
-    """Run `msm data build|check|verify`."""
+    """Run `msm data build|check|verify|subset`."""
     args = _parser().parse_args(argv)
+    if args.command == "subset":
+        subset_cmd.run(args)
+        return
     if args.command == "check":
         ok, lines = check_report()
         print("\n".join(lines))
