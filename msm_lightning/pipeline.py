@@ -231,7 +231,7 @@ def build_data(p: Pipeline, data: Path, cache: Path) -> None:
 
 
 def make_subset(p: Pipeline, tasks: Path, out: Path, max_per_split: int, seed: int = 0) -> Path:
-    """The demo's task subset (in-process: it only writes JSON and links, in about a second)."""
+    """A seeded task subset (in-process: it only writes JSON and links, in about a second)."""
     from msm_lightning.realdata.subset import is_current, subset_tasks
 
     stage = f"subset {max_per_split} per split"
@@ -657,11 +657,14 @@ def _benchmark(args: argparse.Namespace, runner: Runner) -> Pipeline:
             "grid": args.grid,
             "peers": not args.no_peers,
             "crepe_capacity": args.crepe_capacity,
+            "max_per_split": args.max_per_split,
             "data": str(data),
         },
     )
     p = Pipeline(out, log, runner)
     manifest, tasks = check_data(data, "benchmark")
+    if args.max_per_split:
+        tasks = make_subset(p, tasks, out / "tasks", args.max_per_split, args.subset_seed)
     if not args.no_peers:
         check_peers("benchmark")  # before hours of pretraining, not after
     bundles = {}
@@ -718,6 +721,12 @@ def _common_arguments(parser: argparse.ArgumentParser, out: str) -> None:
     )
 
 
+def _subset_arguments(parser: argparse.ArgumentParser, default: int | None, help: str) -> None:
+    """--max-per-split and --subset-seed (`msm data subset`)."""
+    parser.add_argument("--max-per-split", type=int, default=default, help=help)
+    parser.add_argument("--subset-seed", type=int, default=0, help="seed of the subset's choice (default 0)")
+
+
 def demo_parser() -> argparse.ArgumentParser:
     """Arguments of `msm demo`."""
     p = argparse.ArgumentParser(
@@ -735,13 +744,9 @@ def demo_parser() -> argparse.ArgumentParser:
         + ", ".join(f"{f} {s:g} s" for f, s in SECONDS_PER_STEP.items())
         + ")",
     )
-    p.add_argument(
-        "--max-per-split",
-        type=int,
-        default=DEMO_MAX_PER_SPLIT,
-        help=f"clips per split of each task's subset (default {DEMO_MAX_PER_SPLIT})",
+    _subset_arguments(
+        p, DEMO_MAX_PER_SPLIT, f"clips per split of each task's subset (default {DEMO_MAX_PER_SPLIT})"
     )
-    p.add_argument("--subset-seed", type=int, default=0, help="seed of the subset's choice (default 0)")
     p.add_argument("--seeds", type=int, default=DEMO_SEEDS, help=f"msm evaluate seeds (default {DEMO_SEEDS})")
     p.add_argument(
         "--build-data", action="store_true", help="run `msm data build` first if the data is missing"
@@ -772,6 +777,9 @@ def benchmark_parser() -> argparse.ArgumentParser:
         choices=("tiny", "full"),
         default="tiny",
         help="CREPE size (default tiny, for CPUs)",
+    )
+    _subset_arguments(
+        p, None, "evaluate on a seeded subset with at most this many clips per split (default: full tasks)"
     )
     _common_arguments(p, "runs/benchmark")
     return p
