@@ -43,15 +43,18 @@ i, validation fold i+1, train on the rest), probabilities (softmax/sigmoid) as m
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import itertools
 import json
 import math
+import multiprocessing
 import random
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
@@ -267,15 +270,54 @@ def evaluate_task(
     log_dir: Path | None = None,
     echo: Echo = print,
     protocol: dict[str, Any] | None = None,
+    pool: Executor | None = None,
 ) -> dict[str, Any]:
-    """The protocol for every seed on one loaded task, summarised."""
+    """The protocol for every seed on one loaded task, summarised; seeds run in `pool` when given."""
     for name in task.metrics:
         try:
             metric(name)  # fail before training on an unsupported metric
         except KeyError as err:
             raise EmbeddingFormatError(f"{task.path / 'task_metadata.json'}: {err.args[0]}") from err
-    runs = [run_seed(task, grid, s, grid_points, accelerator, standardize, log_dir, echo) for s in seeds]
+    args = (grid, grid_points, accelerator, standardize, log_dir, echo)
+    if pool is None:
+        runs = [run_seed(task, grid, s, *args[1:]) for s in seeds]
+    else:
+        runs = list(pool.map(_run_seed_for, itertools.repeat(task), itertools.repeat(args), seeds))
     return summarise(task, runs, protocol or {})
+
+
+def _run_seed_for(task: TaskData, args: tuple, seed: int) -> dict[str, Any]:
+    """`run_seed` with the seed last, for `Executor.map` (a module function, so workers can unpickle it)."""
+    grid, *rest = args
+    return run_seed(task, grid, seed, *rest)
+
+
+def print_line(text: str) -> None:
+    """Progress echo that workers can use too (a lambda cannot be sent to a process)."""
+    print(text, flush=True)
+
+
+def no_echo(text: str) -> None:
+    """Progress echo of `--quiet`."""
+
+
+def _init_worker(threads: int | None) -> None:
+    """Each seed worker gets its own torch thread count, so workers do not oversubscribe the cores."""
+    torch.set_num_threads(threads or 1)
+
+
+@contextlib.contextmanager
+def seed_pool(workers: int, threads: int | None) -> Iterator[Executor | None]:
+    """Worker processes for seeds (None for one worker): seeds are independent runs with their own seeds."""
+    if workers <= 1:
+        yield None
+        return
+    # spawn, not fork: forking a process whose OpenMP threads have already run can deadlock.
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(
+        workers, mp_context=context, initializer=_init_worker, initargs=(threads,)
+    ) as pool:
+        yield pool
 
 
 def fmt_score(name: str, mean: float, ci: float | None) -> str:
@@ -360,6 +402,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--threads", type=int, help="torch CPU threads (default: torch's; 1 is best on a busy machine)"
     )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="processes that run seeds in parallel, each with --threads threads (default 1); results are "
+        "the same as with one",
+    )
     p.add_argument("--quiet", action="store_true", help="no per-config progress lines")
     return p
 
@@ -367,17 +416,30 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> None:
     """Entry point of `msm evaluate`."""
     args = build_parser().parse_args(argv)
-    if args.seeds < 1 or args.grid_points < 1:
-        raise SystemExit("msm evaluate: --seeds and --grid-points must be at least 1")
+    if args.seeds < 1 or args.grid_points < 1 or args.workers < 1:
+        raise SystemExit("msm evaluate: --seeds, --grid-points and --workers must be at least 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     emb = args.embeddings
     model = args.name or (emb.parent.name if (emb / "task_metadata.json").is_file() else emb.name)
-    echo: Echo = (lambda _: None) if args.quiet else (lambda s: print(s, flush=True))
+    echo: Echo = no_echo if args.quiet else print_line
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+    with seed_pool(min(args.workers, len(seeds)), args.threads) as pool:
+        path, results = _evaluate_all(args, emb, model, seeds, echo, pool)
+    if not results:
+        raise SystemExit(f"msm evaluate: no scene tasks in {emb}")
+    print(f"wrote {path} and {path.with_suffix('.md')}")
+    print(markdown(json.loads(path.read_text())))
+
+
+def _evaluate_all(
+    args: argparse.Namespace, emb: Path, model: str, seeds: list[int], echo: Echo, pool: Executor | None
+) -> tuple[Path | None, dict[str, Any]]:
+    """`main`'s loop over tasks; returns the result file and the tasks' entries."""
+    path = None
+    results: dict[str, Any] = {}
     try:
         task_dirs = find_tasks(emb, args.tasks)
-        results = {}
         for task_dir in task_dirs:
             metadata = read_metadata(task_dir)
             if metadata["embedding_type"] != "scene":
@@ -409,6 +471,7 @@ def main(argv: list[str]) -> None:
                 args.out / "logs" / model if args.csv_logs else None,
                 echo,
                 protocol,
+                pool,
             )
             t = results[task.name]
             echo(
@@ -418,7 +481,4 @@ def main(argv: list[str]) -> None:
             path = write_results(args.out, model, emb, {task.name: results[task.name]})
     except EmbeddingFormatError as err:
         raise SystemExit(f"msm evaluate: {err}") from err
-    if not results:
-        raise SystemExit(f"msm evaluate: no scene tasks in {emb}")
-    print(f"wrote {path} and {path.with_suffix('.md')}")
-    print(markdown(json.loads(path.read_text())))
+    return path, results

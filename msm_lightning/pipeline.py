@@ -440,6 +440,7 @@ class EvalSettings:
     grid: str = "restricted"
     threads: int | None = 1
     max_epochs: int | None = None  # only to make tests fast
+    workers: int = 1  # seed processes of `msm evaluate --workers`
 
     def seed_list(self) -> list[int]:
         """The seeds `msm evaluate --seeds N` runs."""
@@ -495,6 +496,8 @@ def evaluate(p: Pipeline, e: Embedder, folder: Path, results: Path, settings: Ev
     ]
     if settings.threads:
         args += ["--threads", str(settings.threads)]
+    if settings.workers > 1:
+        args += ["--workers", str(settings.workers)]
     if settings.max_epochs is not None:
         args += ["--max-epochs", str(settings.max_epochs)]
     args += ["--out", results, "--tasks", *todo]  # --tasks takes the rest of the line
@@ -601,7 +604,7 @@ def _demo(args: argparse.Namespace, runner: Runner) -> Pipeline:
     """`run_demo` inside the run folder's lock."""
     data, out = Path(args.data), Path(args.out)
     steps = args.steps or demo_steps(args.family, args.minutes)
-    settings = EvalSettings(args.seeds, "restricted", args.eval_threads, args.max_epochs)
+    settings = EvalSettings(args.seeds, "restricted", args.eval_threads, args.max_epochs, args.eval_workers)
     log = StageLog(
         out / "demo.json",
         "demo",
@@ -645,7 +648,7 @@ def run_benchmark(args: argparse.Namespace, runner: Runner = run_command) -> Pip
 def _benchmark(args: argparse.Namespace, runner: Runner) -> Pipeline:
     """`run_benchmark` inside the run folder's lock."""
     data, out = Path(args.data), Path(args.out)
-    settings = EvalSettings(args.seeds, args.grid, args.eval_threads, args.max_epochs)
+    settings = EvalSettings(args.seeds, args.grid, args.eval_threads, args.max_epochs, args.eval_workers)
     families = list(args.families)
     log = StageLog(
         out / "benchmark.json",
@@ -705,6 +708,12 @@ def _common_arguments(parser: argparse.ArgumentParser, out: str) -> None:
     )
     parser.add_argument(
         "--eval-threads", type=int, default=1, help="torch threads of msm evaluate (default 1)"
+    )
+    parser.add_argument(
+        "--eval-workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="msm evaluate processes, one seed each (default: the number of cores)",
     )
     parser.add_argument(
         "--num-workers", type=int, default=1, help="audio loader workers of msm fit (default 1)"

@@ -275,6 +275,24 @@ def test_cli_three_seeds_gives_interval(emb, tmp_path):
     assert "| tvt_mc | top1_acc |" in table and "±" in table
 
 
+def test_workers_give_the_same_results_as_one_process(emb, tmp_path):
+    runs = {}
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        cmd = [str(emb), "--tasks", "folds_mc", "--seeds", "2", "--threads", "1", "--out", str(out), *FAST]
+        evaluate.main([*cmd, "--workers", str(workers)])
+        runs[workers] = json.loads((out / "toy_model.json").read_text())["tasks"]["folds_mc"]
+    assert runs[2]["seeds"] == [0, 1]
+    assert runs[2]["test_scores"] == runs[1]["test_scores"]
+    assert runs[2]["chosen_hparams"] == runs[1]["chosen_hparams"]
+    assert runs[2]["best_epochs"] == runs[1]["best_epochs"]
+
+
+def test_workers_must_be_positive(emb, tmp_path):
+    with pytest.raises(SystemExit, match="--workers"):
+        evaluate.main([str(emb), "--workers", "0", "--out", str(tmp_path), *FAST])
+
+
 # ---------------------------------------------------------------- msm score
 
 
