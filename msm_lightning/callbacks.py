@@ -20,10 +20,13 @@ class RunSummary(L.Callback):
         self.start_step = 0
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Remember when and at which step (after a resume) the run started."""
+        """Remember when the run started."""
         self.start = time.perf_counter()
-        self.start_step = trainer.global_step
         self.losses = []
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Remember the step training starts from: a resume has restored it by now (not yet at fit start)."""
+        self.start_step = trainer.global_step
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx

@@ -75,7 +75,7 @@ def test_fit_crash_and_resume_continues_the_global_step(tmp_path, corpus, capsys
     assert (run["start_step"], run["end_step"]) == (4, 6)
     assert torch.load(ckpts / "last.ckpt", weights_only=False)["global_step"] == 6
     out = capsys.readouterr().out
-    assert "msm-lightning run summary" in out and "global step 6" in out
+    assert "msm-lightning run summary" in out and "2 this run, global step 6" in out
     metrics = list(csv.DictReader((root / "logs" / "version_1" / "metrics.csv").open()))
     losses = [float(r["train/loss_step"]) for r in metrics if r.get("train/loss_step")]
     assert losses and all(math.isfinite(x) for x in losses)
