@@ -1,12 +1,36 @@
-"""Callbacks the CLI always adds: an end-of-run summary."""
+"""Callbacks the CLI always adds: step checkpoints that end with the final step, and a run summary."""
 
 from __future__ import annotations
 
+import os
 import time
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
+
+
+class StepCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint whose `last.ckpt` also holds the final step, wherever training stopped.
+
+    With `every_n_train_steps`, ModelCheckpoint saves only on those steps, so a run stopped by
+    `trainer.max_time`, or by a `max_steps` that is not a multiple of the interval, would leave its final
+    steps out of the checkpoint that `msm export` and `--ckpt_path last` read.
+    """
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Save the final state as `last.ckpt` unless it already is the last one saved."""
+        super().on_train_end(trainer, pl_module)
+        if not self.save_last or self.dirpath is None:
+            return
+        if getattr(self, "_last_global_step_saved", -1) == trainer.global_step:
+            return
+        path = os.path.join(self.dirpath, f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}")
+        if trainer.is_global_zero and os.path.islink(path):
+            os.unlink(path)  # save_last="link": writing through the link would overwrite a step checkpoint
+        trainer.save_checkpoint(path)
+        self.last_model_path = path
 
 
 class RunSummary(L.Callback):

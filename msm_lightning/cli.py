@@ -11,11 +11,11 @@ from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, Logger
 
-from msm_lightning.callbacks import RunSummary
+from msm_lightning.callbacks import RunSummary, StepCheckpoint
 from msm_lightning.data import AudioDataModule
 from msm_lightning.pretraining import MSMPretraining
 
@@ -71,7 +71,7 @@ class MSMCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         """Checkpointing, lr monitoring and the run summary as configurable, always-on callbacks."""
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(StepCheckpoint, "checkpoint")
         parser.set_defaults(
             {
                 "checkpoint.save_last": True,

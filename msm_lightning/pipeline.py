@@ -39,8 +39,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import lightning as L
-
 from msm_lightning.presets import PAPER_NAMES
 
 DEFAULT_DATA = "data/real"
@@ -172,22 +170,6 @@ class Pipeline:
             )
         print(f"==> {stage}: done in {_fmt_seconds(seconds)}", flush=True)
         return seconds
-
-
-class SaveLastAtEnd(L.Callback):
-    """Writes `last.ckpt` when training ends, at whatever step that is.
-
-    ModelCheckpoint with `every_n_train_steps` saves `last.ckpt` only on those steps, so a run stopped by
-    `trainer.max_time`, or by a `max_steps` that is not a multiple of the interval, would leave its final
-    steps out of the checkpoint that `msm export` and `--ckpt_path last` read. configs/real_tiny.yaml adds it.
-    """
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Save the final state as the checkpoint callback's `last.ckpt`."""
-        ckpt = trainer.checkpoint_callback
-        if ckpt is None or getattr(ckpt, "dirpath", None) is None:
-            return
-        trainer.save_checkpoint(Path(ckpt.dirpath) / f"{ckpt.CHECKPOINT_NAME_LAST}{ckpt.FILE_EXTENSION}")
 
 
 # ---------------------------------------------------------------------------------------------- checks

@@ -200,7 +200,7 @@ def test_demo_pipeline_end_to_end_then_skips_finished_stages(tmp_path, capfd):
     pipeline.run_demo(pipeline.demo_parser().parse_args(argv), runner=recording)
     assert tools == ["fit", "export", "embed", "evaluate", "embed", "evaluate", "embed", "evaluate", "score"]
     log = json.loads((run / "demo.json").read_text())
-    # 3 steps with a checkpoint every 2: last.ckpt still holds the final step (SaveLastAtEnd).
+    # 3 steps with a checkpoint every 2: last.ckpt still holds the final step (StepCheckpoint).
     assert log["stages"]["pretrain transformer"]["steps"] == 3
     assert json.loads((run / "bundles" / "ssast-t" / "config.json").read_text())["global_step"] == 3
     assert {"embed SSAST-T", "evaluate SSAST-T-random", "embed log-mel", "score"} <= set(log["stages"])

@@ -85,6 +85,16 @@ def test_fit_crash_and_resume_continues_the_global_step(tmp_path, corpus, capsys
     assert max(lrs) == pytest.approx(0.032 * 2 / 256)
 
 
+def test_last_checkpoint_holds_the_final_step_between_intervals(tmp_path, corpus):
+    # 5 steps with a checkpoint every 2: ModelCheckpoint alone would leave last.ckpt at step 4.
+    root = tmp_path / "run"
+    config = write_config(tmp_path / "odd.yaml", corpus, root, trainer={"max_steps": 5})
+    main(["fit", "--config", str(config)])
+    ckpts = root / "checkpoints"
+    assert torch.load(ckpts / "last.ckpt", weights_only=False)["global_step"] == 5
+    assert torch.load(ckpts / "step00000004.ckpt", weights_only=False)["global_step"] == 4
+
+
 def test_bad_files_are_skipped_counted_and_logged(tmp_path):
     manifest = make_corpus(tmp_path / "corpus", n_files=6, seed=3, n_corrupt=3)
     root = tmp_path / "run"
