@@ -173,6 +173,17 @@ def check_peer(module, model, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     return emb, scene
 
 
+def test_crepe_1d_blocks_equal_torchcrepe_layers(crepe):
+    _, model = crepe
+    frames = model.frames(torch.randn(2, 4000, generator=torch.Generator().manual_seed(0)))[0]
+    with torch.no_grad():
+        ours = model.penultimate(frames)
+        x = model.net.layer(model.net.embed(frames), model.net.conv6, model.net.conv6_BN)
+        theirs = x.permute(0, 2, 1, 3).reshape(-1, model.net.in_features)
+    assert ours.shape == (frames.shape[0], 256)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4 * float(theirs.abs().max()))
+
+
 def test_crepe_peer(crepe):
     module, model = crepe
     emb, scene = check_peer(module, model, 256)
