@@ -57,9 +57,9 @@ SECONDS_PER_STEP = {"transformer": 0.9, "mamba": 1.5, "xlstm": 1.5}  # make benc
 # of the 23 splits are 864 s of audio, 2-3 min per SSAM-T model.
 DEMO_MAX_PER_SPLIT = 16
 DEMO_SEEDS = 2
-# The benchmark's defaults fit a working day's CPU time on that machine (README: about 2 h, of which
-# pretraining is 40 min); the full tasks (--max-per-split 0, 4 h of audio) take about 8x the embedding
-# and evaluation time.
+# The benchmark's defaults fit a working session on that machine (README: 2 h 22 min, of which
+# pretraining is about 45 min); the full tasks (--max-per-split 0, 4 h of audio against 58 min) take about 4x
+# the embedding and evaluation time.
 BENCHMARK_STEPS = 600
 BENCHMARK_MAX_PER_SPLIT = 64
 DONE = "pretrain.done.json"
