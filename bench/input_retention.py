@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from msm_lightning.embed import read_clip
-from msm_lightning.hear import load_model
+from msm_lightning.hear import HearModel, load_model
 from msm_lightning.patching import patchify
 
 MAX_CLIPS = 128
@@ -33,8 +33,8 @@ def tokens_and_patches(model_arg: str, clips: list[torch.Tensor]) -> tuple[torch
     else:
         from msm_lightning.export import load_model_file
 
-        family = load_model_file(model_arg)[0].family
-        hear = load_model(model_arg, family=family)
+        model, config = load_model_file(model_arg)
+        hear = HearModel(model, config=config).eval()  # any family, so no per-family module check
     model = hear.model
     crop = model.crop_frames
     tokens, patches = [], []

@@ -45,6 +45,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import functools
 import itertools
 import json
 import math
@@ -278,18 +279,19 @@ def evaluate_task(
             metric(name)  # fail before training on an unsupported metric
         except KeyError as err:
             raise EmbeddingFormatError(f"{task.path / 'task_metadata.json'}: {err.args[0]}") from err
-    args = (grid, grid_points, accelerator, standardize, log_dir, echo)
-    if pool is None:
-        runs = [run_seed(task, grid, s, *args[1:]) for s in seeds]
-    else:
-        runs = list(pool.map(_run_seed_for, itertools.repeat(task), itertools.repeat(args), seeds))
+    # A partial of a module function pickles, so the same callable serves the pool's workers.
+    one_seed = functools.partial(
+        run_seed,
+        task,
+        grid,
+        grid_points=grid_points,
+        accelerator=accelerator,
+        standardize=standardize,
+        log_dir=log_dir,
+        echo=echo,
+    )
+    runs = list(pool.map(one_seed, seeds)) if pool is not None else [one_seed(s) for s in seeds]
     return summarise(task, runs, protocol or {})
-
-
-def _run_seed_for(task: TaskData, args: tuple, seed: int) -> dict[str, Any]:
-    """`run_seed` with the seed last, for `Executor.map` (a module function, so workers can unpickle it)."""
-    grid, *rest = args
-    return run_seed(task, grid, seed, *rest)
 
 
 def print_line(text: str) -> None:
