@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from msm_lightning.encoders.selective_scan import (
+from msm_lightning.model.encoders.selective_scan import (
     _selective_scan,
     default_chunk_size,
     selective_scan,

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from msm_lightning.embed import read_clip
-from msm_lightning.hear import HearModel, load_model
-from msm_lightning.patching import patchify
+from msm_lightning.hear.embed import read_clip
+from msm_lightning.hear.encoder import HearModel, load_model
+from msm_lightning.model.patching import patchify
 
 MAX_CLIPS = 128
 
@@ -31,7 +31,7 @@ def tokens_and_patches(model_arg: str, clips: list[torch.Tensor]) -> tuple[torch
     if model_arg.startswith("random:"):
         hear = load_model(family=model_arg.split(":", 1)[1])
     else:
-        from msm_lightning.export import load_model_file
+        from msm_lightning.model.bundle import load_model_file
 
         model, config = load_model_file(model_arg)
         hear = HearModel(model, config=config).eval()  # any family, so no per-family module check

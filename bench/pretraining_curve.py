@@ -21,9 +21,9 @@ import os
 import statistics
 from pathlib import Path
 
-from msm_lightning import pipeline as pl
-from msm_lightning.evaluate import fmt_score
-from msm_lightning.presets import PAPER_NAMES
+from msm_lightning.evaluation.protocol import fmt_score
+from msm_lightning.model.families import FAMILIES
+from msm_lightning.pipelines import pipeline as pl
 
 LOSS_WINDOW = 50  # steps of logged training loss averaged before each checkpoint
 
@@ -82,7 +82,7 @@ def main() -> None:
     """Entry point."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", type=Path, default=Path("runs/benchmark"), help="msm benchmark run folder")
-    ap.add_argument("--family", choices=pl.FAMILIES, required=True)
+    ap.add_argument("--family", choices=list(FAMILIES), required=True)
     ap.add_argument("--steps", type=int, nargs="+", required=True, help="intermediate checkpoint steps")
     ap.add_argument("--tasks", nargs="+", help="task folder names (default: all of the benchmark's)")
     ap.add_argument("--seeds", type=int, default=10, help="msm evaluate seeds (default 10, as the benchmark)")
@@ -96,7 +96,7 @@ def main() -> None:
         raise SystemExit(f"pretraining_curve: '{bench_log}' not found; run msm benchmark first")
     bench = json.loads(bench_log.read_text())["settings"]
     all_tasks = run / "tasks" if bench.get("max_per_split") else Path(bench["data"]) / "tasks"
-    name = PAPER_NAMES[family]
+    name = FAMILIES[family].paper_name
     final = pl.pretrained(family, run / "bundles" / f"{name.lower()}-t")
     if final.model is None or not final.model.is_dir():
         raise SystemExit(f"pretraining_curve: no exported {name}-T bundle in '{run / 'bundles'}'")
@@ -118,7 +118,7 @@ def main() -> None:
                 found = sorted(c.name for c in ckpts.glob("step*.ckpt"))
                 raise SystemExit(f"pretraining_curve: no checkpoint '{ckpt}'; found {found}")
             bundle = pl.export(p, ckpt, out / "bundles" / f"step{step}", f"export step {step}")
-            embedder = pl.Embedder(f"{name}-T-step{step}", pl.MODULES[family], bundle)
+            embedder = pl.Embedder(f"{name}-T-step{step}", FAMILIES[family].hear_module, bundle)
             points.append((str(step), embedder, train_loss(run, family, step)))
         last = pl.checkpoint_step(ckpts / "last.ckpt") or 0
         points.append((f"{last} (final)", final, train_loss(run, family, last)))

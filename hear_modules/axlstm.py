@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from msm_lightning import hear
-from msm_lightning.hear import HearModel, get_scene_embeddings, get_timestamp_embeddings
+from msm_lightning.hear import encoder as hear
+from msm_lightning.hear.encoder import HearModel, get_scene_embeddings, get_timestamp_embeddings
 
 __all__ = ["get_scene_embeddings", "get_timestamp_embeddings", "load_model"]
 

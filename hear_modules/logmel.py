@@ -2,7 +2,7 @@
 
 Like HEAR's naive baseline, but on the SPEC log-mel (`LogMelFrontend().log_mel`: 80 bins, 10 ms hop,
 unnormalised, so absolute level is kept). Timestamp embeddings are the log-mel frames averaged over each
-40 ms step (4 frames), on exactly the timestamp grid of the msm-lightning models (`msm_lightning.hear`):
+40 ms step (4 frames), on exactly the timestamp grid of the msm-lightning models (`msm_lightning.hear.encoder`):
 a clip of `n` samples has `ceil((1 + n // 160) / 4)` timestamps at `40 t + 15` ms, the last clipped to the
 clip's duration. The scene embedding is the mean and the standard deviation over time of the log-mel
 frames (160 dims). Nothing is learned and `load_model()` takes no file.
@@ -20,10 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from msm_lightning.frontend import LogMelFrontend
-
 # The 40 ms grid lives with the model wrapper; re-exported here for the peers built on this baseline.
-from msm_lightning.hear import (
+from msm_lightning.hear.encoder import (
     FRAMES_PER_STEP,
     HOP_LENGTH,
     SAMPLE_RATE,
@@ -32,6 +30,7 @@ from msm_lightning.hear import (
     grid_n_timestamps,
     grid_timestamps,
 )
+from msm_lightning.model.frontend import LogMelFrontend
 
 __all__ = [
     "FRAMES_PER_STEP",

@@ -64,9 +64,9 @@ class RecordRun(L.Callback):
 
 def tiny_batch_loss_curve(family: str, steps: int, audio: torch.Tensor) -> list[float]:
     """Losses of `steps` AdamW steps of a Tiny model on one fixed batch with one fixed mask."""
-    from msm_lightning.masking import random_mask
-    from msm_lightning.model import MaskedSpectrogramModel
-    from msm_lightning.optim import param_groups
+    from msm_lightning.model.masking import random_mask
+    from msm_lightning.model.msm import MaskedSpectrogramModel
+    from msm_lightning.training.optim import param_groups
 
     torch.manual_seed(0)
     model = MaskedSpectrogramModel.from_preset(family, "tiny")

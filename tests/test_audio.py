@@ -10,7 +10,7 @@ import soundfile as sf
 import torch
 
 from msm_lightning.audio import AudioReadError, audio_info, list_audio_files, load_audio
-from msm_lightning.synth import fixed_batch, make_corpus
+from msm_lightning.datasets.synth import fixed_batch, make_corpus
 
 
 def write(path: Path, data: np.ndarray, sr: int, subtype: str = "FLOAT") -> Path:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from hear_modules import logmel
-from msm_lightning import hear
+from msm_lightning.hear import encoder as hear
 
 SR = 16000
 LENGTHS = [1, 100, 200, 201, 640, 8000, 16001, 33333]
@@ -22,7 +22,7 @@ def sine(freq: float, n: int, amp: float = 0.3) -> torch.Tensor:
 
 
 def expected_timestamps(n: int) -> torch.Tensor:
-    """40 t + 15 ms per 4-frame step of the 10 ms frames, clipped to the duration (msm_lightning.hear)."""
+    """40 t + 15 ms per 4-frame step of the 10 ms frames, clipped to the duration (msm_lightning.hear.encoder)."""
     steps = math.ceil((1 + n // 160) / 4)
     return torch.tensor([min(40.0 * t + 15.0, 1000 * n / SR) for t in range(steps)])
 

@@ -3,8 +3,9 @@
 import pytest
 import yaml
 
-from msm_lightning.cli import config_dirs, main, resolve_config, resolve_config_args
-from msm_lightning.presets import preset_names
+from msm_lightning.cli import main
+from msm_lightning.model.families import preset_names
+from msm_lightning.training.cli import config_dirs, resolve_config, resolve_config_args
 
 
 def test_bare_config_name_resolves_to_bundled_configs():

@@ -11,10 +11,14 @@ import pytest
 import torch
 from test_selective_scan import assert_close, make_inputs, run_with_grads
 
-from msm_lightning.encoders import cpu_scan
-from msm_lightning.encoders import selective_scan as scan_module
-from msm_lightning.encoders.mamba import MambaMixer
-from msm_lightning.encoders.selective_scan import kernel_applies, selective_scan, selective_scan_reference
+from msm_lightning.model.encoders import cpu_scan
+from msm_lightning.model.encoders import selective_scan as scan_module
+from msm_lightning.model.encoders.mamba import MambaMixer
+from msm_lightning.model.encoders.selective_scan import (
+    kernel_applies,
+    selective_scan,
+    selective_scan_reference,
+)
 
 pytestmark = pytest.mark.skipif(cpu_scan.load_kernel() is None, reason="no C compiler on this machine")
 

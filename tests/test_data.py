@@ -10,8 +10,8 @@ import soundfile as sf
 import torch
 from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 
-from msm_lightning.data import AudioDataModule, RandomCropDataset, SkippedAudioWarning
-from msm_lightning.synth import make_corpus
+from msm_lightning.datasets.synth import make_corpus
+from msm_lightning.training.datamodule import AudioDataModule, RandomCropDataset, SkippedAudioWarning
 
 CROP = 32000
 

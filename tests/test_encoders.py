@@ -6,12 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from msm_lightning.encoders import mamba as mamba_module
-from msm_lightning.encoders.mamba import MambaMixer, fused_path
-from msm_lightning.encoders.selective_scan import selective_scan_reference
-from msm_lightning.masking import random_mask
-from msm_lightning.model import MaskedSpectrogramModel
-from msm_lightning.presets import PAPER_NAMES, WIDTHS
+from msm_lightning.model.encoders import mamba as mamba_module
+from msm_lightning.model.encoders.mamba import MambaMixer, fused_path
+from msm_lightning.model.encoders.selective_scan import selective_scan_reference
+from msm_lightning.model.families import FAMILIES, WIDTHS
+from msm_lightning.model.masking import random_mask
+from msm_lightning.model.msm import MaskedSpectrogramModel
 
 # SPEC section 3, millions of parameters including the reconstruction head.
 REFERENCE_PARAMS = {
@@ -44,7 +44,7 @@ def test_xlstm_expansion_2_matches_paper(size):
     assert count(model) == pytest.approx(XLSTM_EF2[size], rel=0.03)
 
 
-@pytest.mark.parametrize("family", list(PAPER_NAMES))
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_tiny_forward_backward_every_parameter_gets_a_gradient(family):
     torch.manual_seed(0)
     model = MaskedSpectrogramModel.from_preset(family, "tiny", depth=2)
@@ -182,7 +182,7 @@ def test_fused_dispatch_passes_the_parameters_mamba_inner_fn_expects(monkeypatch
 def test_headwise_projection_matches_xlstm_package():
     from xlstm.components.linear_headwise import LinearHeadwiseExpand, LinearHeadwiseExpandConfig
 
-    from msm_lightning.encoders.xlstm import HeadwiseProjection
+    from msm_lightning.model.encoders.xlstm import HeadwiseProjection
 
     torch.manual_seed(0)
     ref = LinearHeadwiseExpand(LinearHeadwiseExpandConfig(in_features=48, num_heads=12, bias=True))

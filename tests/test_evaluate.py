@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from msm_lightning import evaluate, score
-from msm_lightning.metrics import (
+from msm_lightning.evaluation import protocol as evaluate
+from msm_lightning.evaluation import score
+from msm_lightning.evaluation.metrics import (
     aucroc,
     binary_auc,
     binary_average_precision,
@@ -25,8 +26,8 @@ from msm_lightning.metrics import (
     t_quantile,
     top1_acc,
 )
-from msm_lightning.probe import ProbeConfig, predict, train_probe
-from msm_lightning.taskdata import EmbeddingFormatError, data_splits, load_task
+from msm_lightning.evaluation.probe import ProbeConfig, predict, train_probe
+from msm_lightning.evaluation.taskdata import EmbeddingFormatError, data_splits, load_task
 
 FAST = ["--max-epochs", "12", "--quiet"]
 

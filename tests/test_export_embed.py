@@ -16,12 +16,12 @@ import soundfile as sf
 import torch
 from torch.utils.data import DataLoader
 
-from msm_lightning import hear
 from msm_lightning.cli import main as msm
-from msm_lightning.data import AudioDataModule
-from msm_lightning.embed import embed_tasks, embeddings_folder_name, slugify
-from msm_lightning.export import ModelFileError, export_checkpoint, load_model_file
-from msm_lightning.pretraining import MSMPretraining
+from msm_lightning.hear import encoder as hear
+from msm_lightning.hear.embed import embed_tasks, embeddings_folder_name, slugify
+from msm_lightning.model.bundle import ModelFileError, export_checkpoint, load_model_file
+from msm_lightning.training.datamodule import AudioDataModule
+from msm_lightning.training.module import MSMPretraining
 
 SR = 16000
 

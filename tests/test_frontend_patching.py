@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
-from msm_lightning.frontend import LogMelFrontend
-from msm_lightning.masking import random_mask
-from msm_lightning.model import MaskedSpectrogramModel
-from msm_lightning.patching import PatchEmbed, patchify, sincos_2d, unpatchify
+from msm_lightning.model.frontend import LogMelFrontend
+from msm_lightning.model.masking import random_mask
+from msm_lightning.model.msm import MaskedSpectrogramModel
+from msm_lightning.model.patching import PatchEmbed, patchify, sincos_2d, unpatchify
 
 
 def test_log_mel_shape_and_normalisation():

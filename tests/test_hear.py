@@ -1,4 +1,4 @@
-"""The HEAR API (msm_lightning.hear, hear_modules.*): shapes, timestamps, true time order, input checks."""
+"""The HEAR API (msm_lightning.hear.encoder, hear_modules.*): shapes, timestamps, true time order, input checks."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from msm_lightning import hear
-from msm_lightning.patching import patchify
+from msm_lightning.hear import encoder as hear
+from msm_lightning.model.patching import patchify
 
 pytestmark = pytest.mark.filterwarnings("ignore:no model file given:UserWarning")
 

@@ -18,9 +18,9 @@ import pytest
 import torch
 from test_export_embed import make_task
 
-from msm_lightning.embed import embed_tasks
-from msm_lightning.export import export_checkpoint
-from msm_lightning.model import MaskedSpectrogramModel
+from msm_lightning.hear.embed import embed_tasks
+from msm_lightning.model.bundle import export_checkpoint
+from msm_lightning.model.msm import MaskedSpectrogramModel
 
 REPO = Path(__file__).resolve().parents[1]
 NEEDED = ("heareval", "tensorflow", "click", "slugify", "intervaltree")

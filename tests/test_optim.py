@@ -3,8 +3,8 @@
 import itertools
 import math
 
-from msm_lightning.model import MaskedSpectrogramModel
-from msm_lightning.optim import param_groups, scaled_lr, warmup_cosine
+from msm_lightning.model.msm import MaskedSpectrogramModel
+from msm_lightning.training.optim import param_groups, scaled_lr, warmup_cosine
 
 
 def test_no_weight_decay_on_biases_norms_tokens():

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from msm_lightning import pipeline
-from msm_lightning.realdata.subset import MARKER, stratified_pick, subset_task, subset_tasks
-from msm_lightning.synth import make_corpus
-from msm_lightning.synth_tasks import make_tasks
+from msm_lightning.datasets.subset import MARKER, stratified_pick, subset_task, subset_tasks
+from msm_lightning.datasets.synth import make_corpus
+from msm_lightning.datasets.synth_tasks import make_tasks
+from msm_lightning.pipelines import pipeline
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +119,7 @@ def test_subset_rerun_skips_and_refuses_a_foreign_folder(tasks_dir, tmp_path):
 
 
 def test_subset_command_line(tasks_dir, tmp_path, capsys):
-    from msm_lightning.realdata.subset import main
+    from msm_lightning.datasets.subset import main
 
     main([str(tasks_dir), str(tmp_path / "sub"), "--max-per-split", "3"])
     out = capsys.readouterr().out

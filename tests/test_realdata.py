@@ -13,25 +13,25 @@ import pytest
 import soundfile as sf
 
 from msm_lightning.audio import list_audio_files
-from msm_lightning.realdata.build import build, verify
-from msm_lightning.realdata.context import Context
-from msm_lightning.realdata.corpus import corpus_plan, write_corpus
-from msm_lightning.realdata.environment import env_clips, env_label, words
-from msm_lightning.realdata.hearformat import task_metadata, validate_task, verify_checksums, write_task
-from msm_lightning.realdata.notes import instrument_clips, pitch_clips
-from msm_lightning.realdata.packages import PackageCache, read_licences
-from msm_lightning.realdata.records import AudioSource, ClipPlan, TaskPlan
-from msm_lightning.realdata.render import Note, note_sequence_midi
-from msm_lightning.realdata.speakers import utterance
-from msm_lightning.realdata.speech import count_clips, count_pool, keyword_clips, language_clips
-from msm_lightning.realdata.splits import (
+from msm_lightning.datasets.real.build import build, verify
+from msm_lightning.datasets.real.context import Context
+from msm_lightning.datasets.real.corpus import corpus_plan, write_corpus
+from msm_lightning.datasets.real.environment import env_clips, env_label, words
+from msm_lightning.datasets.real.hearformat import task_metadata, validate_task, verify_checksums, write_task
+from msm_lightning.datasets.real.notes import instrument_clips, pitch_clips
+from msm_lightning.datasets.real.packages import PackageCache, read_licences
+from msm_lightning.datasets.real.records import AudioSource, ClipPlan, TaskPlan
+from msm_lightning.datasets.real.render import Note, note_sequence_midi
+from msm_lightning.datasets.real.speakers import utterance
+from msm_lightning.datasets.real.speech import count_clips, count_pool, keyword_clips, language_clips
+from msm_lightning.datasets.real.splits import (
     SplitLeakError,
     balanced_folds,
     check_disjoint,
     linked_groups,
     partition_groups,
 )
-from msm_lightning.realdata.tasks import used_by_tasks
+from msm_lightning.datasets.real.tasks import used_by_tasks
 
 HW = "usr/share/games/hedgewars/Data/Sounds/voices"
 AST = "usr/share/asterisk/sounds"

@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from msm_lightning.encoders.selective_scan import (
+from msm_lightning.model.encoders.selective_scan import (
     _selective_scan,
     default_chunk_size,
     selective_scan,

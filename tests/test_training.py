@@ -13,7 +13,7 @@ import yaml
 from helpers import tiny_batch_loss_curve
 
 from msm_lightning.cli import main
-from msm_lightning.synth import fixed_batch, make_corpus
+from msm_lightning.datasets.synth import fixed_batch, make_corpus
 
 TESTS = Path(__file__).parent
 

@@ -11,8 +11,8 @@ import torch
 from xlstm.blocks.mlstm.backends import parallel_stabilized_simple
 from xlstm.blocks.mlstm.layer import mLSTMLayer
 
-from msm_lightning.encoders.mlstm_cell import parallel_mlstm, parallel_mlstm_backend
-from msm_lightning.encoders.xlstm import XLSTMEncoder, mlstm_layer_forward
+from msm_lightning.model.encoders.mlstm_cell import parallel_mlstm, parallel_mlstm_backend
+from msm_lightning.model.encoders.xlstm import XLSTMEncoder, mlstm_layer_forward
 
 F32_TOL = 1e-4
 F64_TOL = 1e-10

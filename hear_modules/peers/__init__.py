@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from hear_modules.logmel import SAMPLE_RATE, stamps_for
-from msm_lightning.hear import check_audio
+from msm_lightning.hear.encoder import check_audio
 
 INSTALL_HINT = "pip install 'msm-lightning[peers]'"
 

@@ -1,0 +1,1 @@
+"""Evaluation of frozen embeddings (never imports the model): task data, probe, metrics, protocol, score."""

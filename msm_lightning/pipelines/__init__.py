@@ -1,0 +1,1 @@
+"""End-to-end pipelines: resumable run folders and stages, `msm demo` and `msm benchmark`."""

@@ -1,0 +1,1 @@
+"""Pretraining with Lightning: the LightningModule, the DataModule, optimiser, callbacks and `msm fit`."""

@@ -1,0 +1,134 @@
+"""The Lightning system for MSM pretraining: masking, loss, optimiser, schedule and logging."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+
+from msm_lightning.model.masking import random_mask
+from msm_lightning.model.msm import MaskedSpectrogramModel
+from msm_lightning.training.optim import make_scheduler, param_groups, scaled_lr
+
+
+class MSMPretraining(L.LightningModule):
+    """Pretrains a `MaskedSpectrogramModel` preset by reconstructing masked log-mel patches.
+
+    Args:
+        family: encoder family: transformer (SSAST), mamba (SSAM) or xlstm (AxLSTM).
+        size: preset size: tiny, small or base.
+        patch_size: patch (frames, mel bins); the paper ablates (4, 8), (4, 16) and (8, 16).
+        mask_ratio: fraction of patches masked per sample.
+        norm_targets: normalise each target patch to zero mean, unit variance (off in the papers).
+        crop_frames: frames per training crop (200 = 2 s); sets the positional grid.
+        encoder_kwargs: overrides of the family's preset arguments, e.g. {proj_factor: 2, flip: true}.
+        base_lr: learning rate per 256 samples; the peak is base_lr x global batch / 256.
+        weight_decay: AdamW weight decay on weight matrices (none on biases, norms, tokens, A and D).
+        betas: AdamW betas.
+        warmup_epochs: linear warm-up length in epochs (converted to steps from trainer.max_epochs).
+        warmup_steps: warm-up length in steps; overrides warmup_epochs when set.
+        min_lr_ratio: final learning rate of the cosine decay, as a fraction of the peak.
+        batch_size: per-device batch size, used only for the learning-rate scaling when the datamodule
+            does not say (LightningCLI links it to data.batch_size).
+    """
+
+    def __init__(
+        self,
+        family: str = "transformer",
+        size: str = "tiny",
+        patch_size: tuple[int, int] = (4, 16),
+        mask_ratio: float = 0.5,
+        norm_targets: bool = False,
+        crop_frames: int = 200,
+        encoder_kwargs: dict[str, Any] | None = None,
+        base_lr: float = 1.5e-4,
+        weight_decay: float = 0.05,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_epochs: float = 10.0,
+        warmup_steps: int | None = None,
+        min_lr_ratio: float = 0.0,
+        batch_size: int = 32,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = MaskedSpectrogramModel.from_preset(
+            family, size, patch_size=patch_size, crop_frames=crop_frames, encoder_kwargs=encoder_kwargs
+        )
+        self.skipped_files = 0  # bad audio files skipped by this rank's data loaders
+
+    def forward(self, audio: torch.Tensor) -> torch.Tensor:
+        """Inference: [batch, samples] audio -> unmasked encoder tokens [batch, 1 + n_patches, d_model]."""
+        return self.model(self.spectrogram(audio))
+
+    def spectrogram(self, audio: torch.Tensor) -> torch.Tensor:
+        """Normalised log-mel of a batch of crops, trimmed to a whole number of patches (<= crop_frames)."""
+        spec = self.model.frontend(audio)  # [batch, 1, frames, n_mels]
+        pt = self.model.patch_size[0]
+        frames = min(self.hparams.crop_frames, spec.shape[2] // pt * pt)
+        return spec[:, :, :frames]
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """One MSM step: mask half the patches of each crop and reconstruct them."""
+        spec = self.spectrogram(batch["audio"])
+        n = spec.shape[2] // self.model.patch_size[0] * self.model.grid[1]
+        mask = random_mask(spec.shape[0], n, self.hparams.mask_ratio, device=spec.device)
+        loss = self.model.masked_loss(spec, mask, self.hparams.norm_targets)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, sync_dist=True)
+        if "skipped" in batch:
+            skipped = batch["skipped"].sum()
+            self.skipped_files += int(skipped)
+            # Epoch total over all ranks; the running per-rank count goes to the progress bar.
+            self.log(
+                "data/skipped_files",
+                skipped.float(),
+                on_step=False,
+                on_epoch=True,
+                reduce_fx="sum",
+                sync_dist=True,
+            )
+            self.log(
+                "skipped",
+                float(self.skipped_files),
+                prog_bar=True,
+                on_step=True,
+                on_epoch=False,
+                logger=False,
+            )
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        """Masked reconstruction loss on held-out crops with a fixed mask per batch index."""
+        spec = self.spectrogram(batch["audio"])
+        n = spec.shape[2] // self.model.patch_size[0] * self.model.grid[1]
+        gen = torch.Generator().manual_seed(batch_idx)
+        mask = random_mask(spec.shape[0], n, self.hparams.mask_ratio, generator=gen).to(spec.device)
+        loss = self.model.masked_loss(spec, mask, self.hparams.norm_targets)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+
+    def global_batch_size(self) -> int:
+        """Samples per optimiser step over all devices and accumulated batches."""
+        dm = getattr(self.trainer, "datamodule", None)
+        per_device = getattr(dm, "batch_size", None) or self.hparams.batch_size
+        return per_device * self.trainer.world_size * self.trainer.accumulate_grad_batches
+
+    def schedule_steps(self) -> tuple[int, int]:
+        """(warm-up steps, total steps) of the learning-rate schedule for this trainer."""
+        total = int(self.trainer.estimated_stepping_batches)
+        if self.hparams.warmup_steps is not None:
+            warmup = self.hparams.warmup_steps
+        elif self.trainer.max_epochs and self.trainer.max_epochs > 0:
+            warmup = round(total * self.hparams.warmup_epochs / self.trainer.max_epochs)
+        else:
+            raise ValueError("set trainer.max_epochs or model.warmup_steps to define the warm-up length")
+        return max(1, min(warmup, total)), total
+
+    def configure_optimizers(self) -> dict:
+        """AdamW at the batch-scaled peak lr with a per-step warm-up + cosine schedule."""
+        lr = scaled_lr(self.hparams.base_lr, self.global_batch_size())
+        optimizer = torch.optim.AdamW(
+            param_groups(self.model, self.hparams.weight_decay), lr=lr, betas=tuple(self.hparams.betas)
+        )
+        warmup, total = self.schedule_steps()
+        scheduler = make_scheduler(optimizer, warmup, total, self.hparams.min_lr_ratio)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
