@@ -10,12 +10,31 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import tiny_batch_loss_curve
 
 from msm_lightning.cli import main
 from msm_lightning.datasets.synth import fixed_batch, make_corpus
+from msm_lightning.model.masking import random_mask
+from msm_lightning.model.msm import MaskedSpectrogramModel
+from msm_lightning.training.optim import param_groups
 
 TESTS = Path(__file__).parent
+
+
+def tiny_batch_loss_curve(family: str, steps: int, audio: torch.Tensor) -> list[float]:
+    """Losses of `steps` AdamW steps of a Tiny model on one fixed batch with one fixed mask."""
+    torch.manual_seed(0)
+    model = MaskedSpectrogramModel.from_preset(family, "tiny")
+    opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-3, betas=(0.9, 0.95))
+    spec = model.spectrogram(audio)
+    mask = random_mask(audio.shape[0], model.n_patches, 0.5, generator=torch.Generator().manual_seed(0))
+    losses = []
+    for _ in range(steps):
+        loss = model.masked_loss(spec, mask)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
 
 
 @pytest.mark.parametrize("family", ["transformer", "mamba", "xlstm"])
@@ -60,7 +79,7 @@ def read_record(folder: Path, rank: int = 0) -> dict:
 
 def test_fit_crash_and_resume_continues_the_global_step(tmp_path, corpus, capsys):
     root, rec = tmp_path / "run", tmp_path / "record"
-    crash = {"callbacks": [{"class_path": "helpers.CrashAtStep", "init_args": {"step": 5}}]}
+    crash = {"callbacks": [{"class_path": "fit_callbacks.CrashAtStep", "init_args": {"step": 5}}]}
     config = write_config(tmp_path / "crash.yaml", corpus, root, trainer=crash)
     with pytest.raises(RuntimeError, match="simulated crash at step 5"):
         main(["fit", "--config", str(config)])
@@ -68,7 +87,7 @@ def test_fit_crash_and_resume_continues_the_global_step(tmp_path, corpus, capsys
     assert (ckpts / "last.ckpt").exists()
     assert torch.load(ckpts / "last.ckpt", weights_only=False)["global_step"] == 4
 
-    record = {"callbacks": [{"class_path": "helpers.RecordRun", "init_args": {"out_dir": str(rec)}}]}
+    record = {"callbacks": [{"class_path": "fit_callbacks.RecordRun", "init_args": {"out_dir": str(rec)}}]}
     config = write_config(tmp_path / "resume.yaml", corpus, root, trainer=record)
     main(["fit", "--config", str(config), "--ckpt_path", "last"])
     run = read_record(rec)
@@ -118,7 +137,7 @@ def test_ddp_two_cpu_processes_read_different_crops_and_agree_on_weights(tmp_pat
     import sys
 
     rec = tmp_path / "record"
-    record = {"callbacks": [{"class_path": "helpers.RecordRun", "init_args": {"out_dir": str(rec)}}]}
+    record = {"callbacks": [{"class_path": "fit_callbacks.RecordRun", "init_args": {"out_dir": str(rec)}}]}
     config = write_config(tmp_path / "ddp.yaml", corpus, tmp_path / "run", trainer={**record, "max_steps": 3})
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
     cmd = [

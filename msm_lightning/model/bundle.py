@@ -33,6 +33,7 @@ WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 METADATA_KEY = "msm_lightning_config"  # safetensors metadata key of the JSON config in single-file bundles
 MODEL_PREFIX = "model."  # MSMPretraining keeps the MaskedSpectrogramModel in `self.model`
+MODEL_CONFIG_KEY = "msm_model_config"  # checkpoint entry with the model's constructor arguments
 
 # Checkpoints written through the Python API may hold pathlib paths in the datamodule's hyperparameters
 # (e.g. AudioDataModule(manifest=Path(...))), which the weights-only unpickler rejects. Pure paths are
@@ -85,8 +86,8 @@ def read_checkpoint(path: str | Path, trusted: bool = False) -> dict[str, Any]:
     return ckpt
 
 
-def _model_config_from_hparams(path: Path, hparams: Any) -> dict[str, Any]:
-    """Constructor arguments of the MaskedSpectrogramModel that an MSMPretraining checkpoint holds."""
+def _legacy_model_config(path: Path, hparams: Any) -> dict[str, Any]:
+    """Model arguments of a checkpoint written before checkpoints stored them (re-derived from hparams)."""
     if not isinstance(hparams, dict) or "family" not in hparams or "size" not in hparams:
         raise _fail(
             path,
@@ -94,14 +95,14 @@ def _model_config_from_hparams(path: Path, hparams: Any) -> dict[str, Any]:
             "only checkpoints written by `msm fit` / MSMPretraining can be loaded",
         )
     try:
-        # Mirrors MSMPretraining's own construction (from_preset) without building a throwaway model.
+        # Those versions built it so: the preset, the hparams' overrides, the default front end.
         config = preset(hparams["family"], hparams["size"])
     except ValueError as err:
         raise _fail(path, str(err)) from err
     config["encoder_kwargs"] = {**config["encoder_kwargs"], **(hparams.get("encoder_kwargs") or {})}
     config["patch_size"] = [int(x) for x in hparams.get("patch_size", (4, 16))]
     config["crop_frames"] = int(hparams.get("crop_frames", 200))
-    config["frontend_kwargs"] = LogMelFrontend().config()  # MSMPretraining always uses the default front end
+    config["frontend_kwargs"] = LogMelFrontend().config()
     return config
 
 
@@ -116,10 +117,13 @@ def _strip_prefix(path: Path, state_dict: Any) -> dict[str, torch.Tensor]:
 
 def _config_from_checkpoint(path: Path, ckpt: dict[str, Any]) -> dict[str, Any]:
     hparams = ckpt.get("hyper_parameters")
-    model_config = _model_config_from_hparams(path, hparams)
+    model_config = ckpt.get(MODEL_CONFIG_KEY)
+    if not isinstance(model_config, dict):
+        model_config = _legacy_model_config(path, hparams)
+    size = hparams.get("size") if isinstance(hparams, dict) else None
     return make_config(
         model_config,
-        size=hparams["size"],
+        size=size,
         source=path.name,
         global_step=ckpt.get("global_step"),
         epoch=ckpt.get("epoch"),

@@ -76,6 +76,20 @@ class MaskedSpectrogramModel(nn.Module):
             "frontend_kwargs": self.frontend.config(),
         }
 
+    def spectrogram(self, audio: torch.Tensor) -> torch.Tensor:
+        """[batch, samples] audio -> normalised log-mel [batch, 1, frames, n_mels] that patches exactly.
+
+        A 2 s crop gives 201 centred STFT frames; the model takes whole patches of at most `crop_frames`
+        frames (200), so the extra frame (and any partial patch of shorter audio) is dropped here, once.
+        """
+        spec = self.frontend(audio)  # [batch, 1, frames, n_mels]
+        pt = self.patch_size[0]
+        return spec[:, :, : min(self.crop_frames, spec.shape[2] // pt * pt)]
+
+    def n_patches_of(self, spec: torch.Tensor) -> int:
+        """Number of patches of a [batch, 1, frames, n_mels] spectrogram (frames a multiple of patch time)."""
+        return check_divisible(spec.shape[-2:], self.patch_size)[0] * self.grid[1]
+
     def positions(self, grid: tuple[int, int]) -> torch.Tensor:
         """Positional embedding [gt * gf, d_model] of a patch grid (cached for the training grid)."""
         if grid == self.grid:

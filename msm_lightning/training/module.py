@@ -7,6 +7,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from msm_lightning.model.bundle import MODEL_CONFIG_KEY
 from msm_lightning.model.masking import random_mask
 from msm_lightning.model.msm import MaskedSpectrogramModel
 from msm_lightning.training.optim import make_scheduler, param_groups, scaled_lr
@@ -59,19 +60,16 @@ class MSMPretraining(L.LightningModule):
 
     def forward(self, audio: torch.Tensor) -> torch.Tensor:
         """Inference: [batch, samples] audio -> unmasked encoder tokens [batch, 1 + n_patches, d_model]."""
-        return self.model(self.spectrogram(audio))
+        return self.model(self.model.spectrogram(audio))
 
-    def spectrogram(self, audio: torch.Tensor) -> torch.Tensor:
-        """Normalised log-mel of a batch of crops, trimmed to a whole number of patches (<= crop_frames)."""
-        spec = self.model.frontend(audio)  # [batch, 1, frames, n_mels]
-        pt = self.model.patch_size[0]
-        frames = min(self.hparams.crop_frames, spec.shape[2] // pt * pt)
-        return spec[:, :, :frames]
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store the model's own constructor arguments, so bundles are rebuilt from them, not re-derived."""
+        checkpoint[MODEL_CONFIG_KEY] = self.model.config()
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """One MSM step: mask half the patches of each crop and reconstruct them."""
-        spec = self.spectrogram(batch["audio"])
-        n = spec.shape[2] // self.model.patch_size[0] * self.model.grid[1]
+        spec = self.model.spectrogram(batch["audio"])
+        n = self.model.n_patches_of(spec)
         mask = random_mask(spec.shape[0], n, self.hparams.mask_ratio, device=spec.device)
         loss = self.model.masked_loss(spec, mask, self.hparams.norm_targets)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, sync_dist=True)
@@ -99,8 +97,8 @@ class MSMPretraining(L.LightningModule):
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         """Masked reconstruction loss on held-out crops with a fixed mask per batch index."""
-        spec = self.spectrogram(batch["audio"])
-        n = spec.shape[2] // self.model.patch_size[0] * self.model.grid[1]
+        spec = self.model.spectrogram(batch["audio"])
+        n = self.model.n_patches_of(spec)
         gen = torch.Generator().manual_seed(batch_idx)
         mask = random_mask(spec.shape[0], n, self.hparams.mask_ratio, generator=gen).to(spec.device)
         loss = self.model.masked_loss(spec, mask, self.hparams.norm_targets)

@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import lightning as L
-import torch
 
 
 class CrashAtStep(L.Callback):
@@ -60,24 +59,3 @@ class RecordRun(L.Callback):
         }
         Path(self.out_dir).mkdir(parents=True, exist_ok=True)
         (Path(self.out_dir) / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
-
-
-def tiny_batch_loss_curve(family: str, steps: int, audio: torch.Tensor) -> list[float]:
-    """Losses of `steps` AdamW steps of a Tiny model on one fixed batch with one fixed mask."""
-    from msm_lightning.model.masking import random_mask
-    from msm_lightning.model.msm import MaskedSpectrogramModel
-    from msm_lightning.training.optim import param_groups
-
-    torch.manual_seed(0)
-    model = MaskedSpectrogramModel.from_preset(family, "tiny")
-    opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-3, betas=(0.9, 0.95))
-    spec = model.frontend(audio)[:, :, :200]
-    mask = random_mask(audio.shape[0], model.n_patches, 0.5, generator=torch.Generator().manual_seed(0))
-    losses = []
-    for _ in range(steps):
-        loss = model.masked_loss(spec, mask)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
