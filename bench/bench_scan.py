@@ -43,35 +43,20 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from msm_lightning.model.encoders.selective_scan import (
-    _selective_scan,
-    default_chunk_size,
-    selective_scan,
-    selective_scan_reference,
-)
+from msm_lightning.model.encoders.scan_inputs import ScanInputs
+from msm_lightning.model.encoders.selective_scan import selective_scan, selective_scan_reference
+from msm_lightning.model.encoders.torch_scan import chunked_selective_scan, default_chunk_size
 
 METHODS = ("kernel", "scan", "materialise", "materialise-index", "reference")
 DEFAULT_METHODS = ("kernel", "scan", "materialise", "reference")
 
 
-def scan_materialise(
-    u: torch.Tensor,
-    delta: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    D: torch.Tensor | None = None,
-    z: torch.Tensor | None = None,
-    delta_bias: torch.Tensor | None = None,
-    delta_softplus: bool = False,
-    index_each_step: bool = False,
-) -> torch.Tensor:
+def scan_materialise(x: ScanInputs, index_each_step: bool = False) -> torch.Tensor:
     """Baseline: materialise decays and drives for all L steps, then recur with autograd saving each state."""
-    out_dtype = u.dtype
-    u, delta, A, B, C = (t.float() for t in (u, delta, A, B, C))
-    if delta_bias is not None:
-        delta = delta + delta_bias.float()[:, None]
-    if delta_softplus:
+    u, delta, A, B, C = (t.float() for t in (x.u, x.delta, x.A, x.B, x.C))
+    if x.delta_bias is not None:
+        delta = delta + x.delta_bias.float()[:, None]
+    if x.delta_softplus:
         delta = F.softplus(delta)
     decays = torch.exp(delta.unsqueeze(-1) * A[:, None, :])  # [batch, d_inner, L, N]
     drives = (delta * u).unsqueeze(-1) * B.transpose(1, 2)[:, None]  # [batch, d_inner, L, N]
@@ -86,11 +71,11 @@ def scan_materialise(
             h = decay * h + drive
             outputs.append(torch.bmm(h, c[:, :, None]).squeeze(-1))
     y = torch.stack(outputs, dim=-1)  # [batch, d_inner, L]
-    if D is not None:
-        y = y + D.float()[:, None] * u
-    if z is not None:
-        y = y * F.silu(z.float())
-    return y.to(out_dtype)
+    if x.D is not None:
+        y = y + x.D.float()[:, None] * u
+    if x.z is not None:
+        y = y * F.silu(x.z.float())
+    return y.to(x.u.dtype)
 
 
 def make_inputs(batch: int, d_inner: int, n_state: int, seq: int) -> dict[str, torch.Tensor]:
@@ -148,9 +133,9 @@ def worker(args: argparse.Namespace) -> dict[str, float]:
         torch.set_num_threads(args.threads)
     scan = {
         "kernel": lambda **kw: selective_scan(**kw, use_kernel=True),
-        "scan": lambda **kw: _selective_scan(**kw, chunk_size=args.chunk or None),
-        "materialise": scan_materialise,
-        "materialise-index": lambda **kw: scan_materialise(**kw, index_each_step=True),
+        "scan": lambda **kw: chunked_selective_scan(ScanInputs(**kw), chunk_size=args.chunk or None),
+        "materialise": lambda **kw: scan_materialise(ScanInputs(**kw)),
+        "materialise-index": lambda **kw: scan_materialise(ScanInputs(**kw), index_each_step=True),
         "reference": selective_scan_reference,
     }[args.worker]
     # A small call first, so one-off library initialisation does not count as the scan's memory; it also

@@ -20,7 +20,17 @@ from msm_lightning.model.encoders.selective_scan import (
     selective_scan_reference,
 )
 
-pytestmark = pytest.mark.skipif(cpu_scan.load_kernel() is None, reason="no C compiler on this machine")
+
+@pytest.fixture(scope="session")
+def kernel() -> cpu_scan.ScanKernel:
+    """The compiled kernel, built on first use in the session rather than at collection; skips without it."""
+    kernel = cpu_scan.load_kernel()
+    if kernel is None:
+        pytest.skip("no C compiler on this machine")
+    return kernel
+
+
+pytestmark = pytest.mark.usefixtures("kernel")
 
 
 def test_kernel_matches_torch_scan_at_mamba_tiny_shapes() -> None:

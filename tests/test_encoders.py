@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from msm_lightning.model.encoders import mamba as mamba_module
+from msm_lightning.model.encoders import selective_scan as scan_module
 from msm_lightning.model.encoders.mamba import MambaMixer, fused_path
 from msm_lightning.model.encoders.selective_scan import selective_scan_reference
 from msm_lightning.model.families import FAMILIES, WIDTHS
@@ -106,7 +107,7 @@ def test_fused_path_switch():
     assert not fused_path(True, True, "cpu")
     assert not fused_path(False, True, "cuda")
     assert fused_path(True, True, "cuda")
-    mamba_module._warned_fallback = False
+    scan_module._warned_fallback = False
     with pytest.warns(UserWarning, match="mamba-ssm kernels are not installed"):
         assert not fused_path(True, False, "cuda")
     with warnings.catch_warnings():

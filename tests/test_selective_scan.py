@@ -7,12 +7,9 @@ import itertools
 import pytest
 import torch
 
-from msm_lightning.model.encoders.selective_scan import (
-    _selective_scan,
-    default_chunk_size,
-    selective_scan,
-    selective_scan_reference,
-)
+from msm_lightning.model.encoders.scan_inputs import ScanInputs
+from msm_lightning.model.encoders.selective_scan import selective_scan, selective_scan_reference
+from msm_lightning.model.encoders.torch_scan import chunked_selective_scan, default_chunk_size
 
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
@@ -71,6 +68,11 @@ def run_with_grads(
     return out.detach(), dict(zip(present, grads, strict=True))
 
 
+def chunked(chunk_size: int | None = None, **arguments: object) -> torch.Tensor:
+    """The chunked PyTorch scan called like `selective_scan`, with an explicit chunk size."""
+    return chunked_selective_scan(ScanInputs(**arguments), chunk_size)
+
+
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str, atol: float, rtol: float) -> None:
     """torch.testing.assert_close with a message naming the compared quantity."""
     torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
@@ -84,7 +86,7 @@ OPTIONS = list(itertools.product([False, True], repeat=4))  # with_D, with_z, wi
 
 IMPLEMENTATIONS = {
     # 29 steps = 3 full chunks of 8 and a partial one
-    "chunked": lambda **kw: _selective_scan(**kw, chunk_size=8),
+    "chunked": lambda **kw: chunked(**kw, chunk_size=8),
     # 37 channels = two full blocks of 16 and a partial one
     "kernel": lambda **kw: selective_scan(**kw, use_kernel=True),
 }
@@ -131,7 +133,7 @@ def test_chunk_size_does_not_change_results(chunk_size: int) -> None:
     """From one step per chunk to one chunk for the whole sequence, results agree."""
     inputs = make_inputs(3, 8, 4, 29, seed=2)
     grad_out = torch.randn(3, 8, 29, generator=torch.Generator().manual_seed(3))
-    out, grads = run_with_grads(_selective_scan, inputs, True, grad_out, chunk_size=chunk_size)
+    out, grads = run_with_grads(chunked, inputs, True, grad_out, chunk_size=chunk_size)
     ref_out, ref_grads = run_with_grads(selective_scan_reference, inputs, True, grad_out)
     assert_close(out, ref_out, "output", atol=1e-5, rtol=1e-4)
     for name in grads:
@@ -144,7 +146,7 @@ def test_gradcheck_float64() -> None:
     names = list(inputs)
 
     def fn(*tensors: torch.Tensor) -> torch.Tensor:
-        return _selective_scan(**dict(zip(names, tensors, strict=True)), delta_softplus=True, chunk_size=3)
+        return chunked(**dict(zip(names, tensors, strict=True)), delta_softplus=True, chunk_size=3)
 
     assert torch.autograd.gradcheck(fn, tuple(inputs.values()), eps=1e-6, atol=1e-6, rtol=1e-4)
 
@@ -156,7 +158,7 @@ def test_gradcheck_float64_without_options() -> None:
     names = list(inputs)
 
     def fn(*tensors: torch.Tensor) -> torch.Tensor:
-        return _selective_scan(**dict(zip(names, tensors, strict=True)), chunk_size=2)
+        return chunked(**dict(zip(names, tensors, strict=True)), chunk_size=2)
 
     assert torch.autograd.gradcheck(fn, tuple(inputs.values()), eps=1e-6, atol=1e-6, rtol=1e-4)
 

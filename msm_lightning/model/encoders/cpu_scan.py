@@ -1,6 +1,6 @@
 """The compiled CPU selective scan (`scan_kernel.c`): built with the system C compiler on first use, cached.
 
-The portable PyTorch scan (`selective_scan.py`) is memory-bound on a CPU: every vectorised op streams
+The portable PyTorch scan (`torch_scan.py`) is memory-bound on a CPU: every vectorised op streams
 [steps, batch, N, d_inner] state buffers through memory. The C kernel keeps one channel's N states in
 registers for the whole sequence, which makes a Mamba-T layer's scan about 3x faster forward and backward.
 It is a speed-up, not a dependency: when no compiler is found or the build fails, `load_kernel` returns
@@ -24,6 +24,14 @@ import warnings
 from pathlib import Path
 
 import torch
+
+from msm_lightning.model.encoders.scan_inputs import (
+    ScanInputs,
+    empty_like_layout,
+    empty_output,
+    input_grads,
+    needs_grad,
+)
 
 SOURCE = Path(__file__).with_name("scan_kernel.c")
 _BASE_FLAGS = [
@@ -116,7 +124,7 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 
 class ScanKernel:
-    """ctypes bindings of the compiled forward and backward; tensors must already be float32."""
+    """ctypes bindings of the compiled forward and backward; they take the inputs in `kernel_layout`."""
 
     def __init__(self, path: Path) -> None:
         lib = ctypes.CDLL(str(path))
@@ -129,56 +137,55 @@ class ScanKernel:
         self.max_state = int(lib.msm_scan_max_state())
 
     @staticmethod
-    def args(inputs: ScanInputs, out: torch.Tensor | None = None) -> ScanArgs:
-        """The C argument struct of `inputs` (and the output tensor of a forward)."""
-        batch, d_inner, seq = inputs.u.shape
+    def args(x: ScanInputs, out: torch.Tensor | None = None) -> ScanArgs:
+        """The C argument struct of `x` (in `kernel_layout`) and the output tensor of a forward."""
         return ScanArgs(
-            View3.of(inputs.u),
-            View3.of(inputs.delta),
-            View3.of(inputs.z),
+            View3.of(x.u),
+            View3.of(x.delta),
+            View3.of(x.z),
             View3.of(out),
-            *(_ptr(t) for t in (inputs.A, inputs.B_t, inputs.C_t, inputs.D, inputs.bias)),
-            batch,
-            d_inner,
-            seq,
-            inputs.A.shape[1],
-            int(inputs.softplus),
+            # B and C are [b, N, L] views of contiguous [b, L, N] tensors, which the kernel reads.
+            *(_ptr(t) for t in (x.A, x.B, x.C, x.D, x.delta_bias)),
+            x.batch,
+            x.d_inner,
+            x.seq,
+            x.n_state,
+            int(x.delta_softplus),
             torch.get_num_threads(),
         )
 
-    def forward(self, inputs: ScanInputs) -> torch.Tensor:
-        """out [batch, d_inner, L], time-major in memory ([batch, L, d_inner]) as out_proj reads it."""
-        batch, d_inner, seq = inputs.u.shape
-        out = inputs.u.new_empty(batch, seq, d_inner).transpose(1, 2)
-        self.lib.msm_scan_forward(ctypes.byref(self.args(inputs, out)))
+    def forward(self, x: ScanInputs) -> torch.Tensor:
+        """float32 out [batch, d_inner, L], laid out as [batch, L, d_inner] in memory (see `empty_output`)."""
+        x = kernel_layout(x)
+        out = empty_output(x.u)
+        self.lib.msm_scan_forward(ctypes.byref(self.args(x, out)))
         return out
 
-    def backward(self, inputs: ScanInputs, grad_out: torch.Tensor, need_z: bool) -> dict[str, torch.Tensor]:
-        """Gradients of every input (z only if `need_z`), reduced over batch where the input has no batch."""
-        batch, d_inner, _ = inputs.u.shape
-        n_state = inputs.A.shape[1]
-        grads = {
-            "u": empty_like_layout(inputs.u),
-            "delta": empty_like_layout(inputs.delta),
-            "z": empty_like_layout(inputs.z) if inputs.z is not None and need_z else None,
-            "A": inputs.u.new_empty(batch, d_inner, n_state),
-            "B_t": torch.empty_like(inputs.B_t),
-            "C_t": torch.empty_like(inputs.C_t),
-            "D": inputs.u.new_empty(batch, d_inner) if inputs.D is not None else None,
-            "bias": inputs.u.new_empty(batch, d_inner) if inputs.bias is not None else None,
-        }
+    def backward(
+        self, x: ScanInputs, grad_out: torch.Tensor, need_z: bool
+    ) -> tuple[torch.Tensor | None, ...]:
+        """float32 gradients of `x.tensors()`, in order (z only if `need_z`), from a float32 grad_out."""
+        x = kernel_layout(x)
+
+        def per_batch_item(t: torch.Tensor | None, *shape: int) -> torch.Tensor | None:
+            # The kernel's threads own batch items; their partial sums are reduced here.
+            return None if t is None else x.u.new_empty(x.batch, *shape)
+
+        g_u, g_delta = empty_like_layout(x.u), empty_like_layout(x.delta)
+        g_z = empty_like_layout(x.z) if x.z is not None and need_z else None
+        g_A = per_batch_item(x.A, x.d_inner, x.n_state)
+        g_D, g_bias = per_batch_item(x.D, x.d_inner), per_batch_item(x.delta_bias, x.d_inner)
+        g_B_t = torch.empty_like(x.B.transpose(1, 2))  # contiguous [b, L, N], as the kernel writes it
+        g_C_t = torch.empty_like(x.C.transpose(1, 2))
         c_grads = ScanGrads(
-            View3.of(grad_out),
-            *(View3.of(grads[k]) for k in ("u", "delta", "z")),
-            *(_ptr(grads[k]) for k in ("A", "B_t", "C_t", "D", "bias")),
+            *(View3.of(t) for t in (grad_out, g_u, g_delta, g_z)),
+            *(_ptr(t) for t in (g_A, g_B_t, g_C_t, g_D, g_bias)),
         )
-        status = self.lib.msm_scan_backward(ctypes.byref(self.args(inputs)), ctypes.byref(c_grads))
+        status = self.lib.msm_scan_backward(ctypes.byref(self.args(x)), ctypes.byref(c_grads))
         if status != 0:
-            raise MemoryError(f"scan kernel: no memory for the work buffers of {inputs.u.shape[2]} steps")
-        for k in ("A", "D", "bias"):  # per batch item partial sums
-            if grads[k] is not None:
-                grads[k] = grads[k].sum(0)
-        return grads
+            raise MemoryError(f"scan kernel: no memory for the work buffers of {x.seq} steps")
+        g_A, g_D, g_bias = (None if t is None else t.sum(0) for t in (g_A, g_D, g_bias))
+        return (g_u, g_delta, g_A, g_B_t.transpose(1, 2), g_C_t.transpose(1, 2), g_D, g_z, g_bias)
 
 
 def find_compiler() -> str:
@@ -208,40 +215,31 @@ def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.to(torch.float32)
 
 
-def empty_like_layout(x: torch.Tensor) -> torch.Tensor:
-    """Dense uninitialised tensor like x (perhaps a strided view), dimensions in the same memory order."""
-    order = sorted(range(x.dim()), key=lambda i: (-x.stride(i), i))
-    out = x.new_empty([x.shape[i] for i in order])
-    return out.permute([order.index(i) for i in range(x.dim())])
+def _f32_contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.to(torch.float32).contiguous()
 
 
-class ScanInputs:
-    """The scan's inputs as the kernel needs them: float32; A, B_t, C_t, D, bias contiguous."""
+def _f32_time_major(t: torch.Tensor) -> torch.Tensor:
+    # B, C come as [b, N, L] views of x_proj's [b, L, .] output: transposing back is free, the copy small.
+    return t.transpose(1, 2).to(torch.float32).contiguous().transpose(1, 2)
 
-    def __init__(
-        self,
-        u: torch.Tensor,
-        delta: torch.Tensor,
-        A: torch.Tensor,
-        B: torch.Tensor,
-        C: torch.Tensor,
-        D: torch.Tensor | None,
-        z: torch.Tensor | None,
-        bias: torch.Tensor | None,
-        softplus: bool,
-    ) -> None:
-        self.u, self.delta, self.z = _f32(u), _f32(delta), _f32(z)
-        # B, C come as [b, N, L] views of x_proj's [b, L, .] output: transposing back is free, the copy small.
-        self.B_t = B.transpose(1, 2).to(torch.float32).contiguous()
-        self.C_t = C.transpose(1, 2).to(torch.float32).contiguous()
-        self.A = A.to(torch.float32).contiguous()
-        self.D = None if D is None else D.to(torch.float32).contiguous()
-        self.bias = None if bias is None else bias.to(torch.float32).contiguous()
-        self.softplus = softplus
 
-    def tensors(self) -> tuple[torch.Tensor | None, ...]:
-        """Everything the backward needs, for `save_for_backward`."""
-        return (self.u, self.delta, self.A, self.B_t, self.C_t, self.D, self.z, self.bias)
+def kernel_layout(x: ScanInputs) -> ScanInputs:
+    """x as the kernel reads it: float32; A, D, bias contiguous; B, C views of contiguous [b, L, N] tensors.
+
+    Inputs already in that layout are returned as they are (no copies).
+    """
+    return ScanInputs(
+        _f32(x.u),
+        _f32(x.delta),
+        _f32_contiguous(x.A),
+        _f32_time_major(x.B),
+        _f32_time_major(x.C),
+        _f32_contiguous(x.D),
+        _f32(x.z),
+        _f32_contiguous(x.delta_bias),
+        x.delta_softplus,
+    )
 
 
 class _KernelScanFn(torch.autograd.Function):
@@ -250,56 +248,29 @@ class _KernelScanFn(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx: torch.autograd.function.FunctionCtx,
-        u: torch.Tensor,
-        delta: torch.Tensor,
-        A: torch.Tensor,
-        B: torch.Tensor,
-        C: torch.Tensor,
-        D: torch.Tensor | None,
-        z: torch.Tensor | None,
-        bias: torch.Tensor | None,
-        softplus: bool,
         kernel: ScanKernel,
+        delta_softplus: bool,
+        *tensors: torch.Tensor | None,
     ) -> torch.Tensor:
-        """Inputs as in `selective_scan`; returns out [b, d, L] in u's dtype."""
-        inputs = ScanInputs(u, delta, A, B, C, D, z, bias, softplus)
-        ctx.kernel, ctx.softplus = kernel, softplus
-        ctx.dtypes = [None if t is None else t.dtype for t in (u, delta, A, B, C, D, z, bias)]
-        ctx.save_for_backward(*inputs.tensors())
-        return kernel.forward(inputs).to(u.dtype)
+        """Scan `ScanInputs(*tensors, delta_softplus)`; returns out [b, d, L] in u's dtype."""
+        x = ScanInputs(*tensors, delta_softplus=delta_softplus)
+        f32 = kernel_layout(x)
+        ctx.kernel, ctx.delta_softplus, ctx.dtypes = kernel, delta_softplus, x.dtypes()
+        ctx.save_for_backward(*f32.tensors())
+        return kernel.forward(f32).to(x.u.dtype)
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_out: torch.Tensor) -> tuple:
-        """Gradients for u, delta, A, B, C, D, z, bias in their input dtypes."""
-        u, delta, A, B_t, C_t, D, z, bias = ctx.saved_tensors
-        inputs = ScanInputs(u, delta, A, B_t.transpose(1, 2), C_t.transpose(1, 2), D, z, bias, ctx.softplus)
-        g = ctx.kernel.backward(inputs, grad_out.to(torch.float32), need_z=ctx.needs_input_grad[6])
-        grads = [g["u"], g["delta"], g["A"], g["B_t"].transpose(1, 2), g["C_t"].transpose(1, 2)]
-        grads += [g["D"], g["z"], g["bias"]]
-        out = [
-            None if grad is None or not need else grad.to(dtype)
-            for grad, need, dtype in zip(grads, ctx.needs_input_grad, ctx.dtypes, strict=False)
-        ]
-        return (*out, None, None)
+        """Gradients for the eight tensors in their input dtypes."""
+        x = ScanInputs(*ctx.saved_tensors, delta_softplus=ctx.delta_softplus)
+        need_z = needs_grad(ctx.needs_input_grad, "z")
+        grads = ctx.kernel.backward(x, grad_out.to(torch.float32), need_z=need_z)
+        return input_grads(ctx.needs_input_grad, grads, ctx.dtypes)
 
 
-def kernel_selective_scan(
-    kernel: ScanKernel,
-    u: torch.Tensor,
-    delta: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    D: torch.Tensor | None,
-    z: torch.Tensor | None,
-    delta_bias: torch.Tensor | None,
-    delta_softplus: bool,
-) -> torch.Tensor:
-    """`selective_scan` (same arguments and result) run by the compiled kernel."""
+def kernel_selective_scan(kernel: ScanKernel, x: ScanInputs) -> torch.Tensor:
+    """The scan of `x` run by the compiled kernel, in u's dtype; differentiable."""
     with torch.autocast(device_type="cpu", enabled=False):
-        if torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias)
-        ):
-            return _KernelScanFn.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, kernel)
-        inputs = ScanInputs(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
-        return kernel.forward(inputs).to(u.dtype)
+        if x.needs_autograd():
+            return _KernelScanFn.apply(kernel, x.delta_softplus, *x.tensors())
+        return kernel.forward(x).to(x.u.dtype)

@@ -7,13 +7,12 @@ dict moves between the fused path (mamba-ssm installed, tensors on a GPU) and th
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from msm_lightning.model.encoders.selective_scan import selective_scan
+from msm_lightning.model.encoders.selective_scan import fused_path, selective_scan
 
 try:  # The fused kernels import only where CUDA and the `cuda` extra are installed.
     from causal_conv1d import causal_conv1d_fn
@@ -23,22 +22,6 @@ except Exception:
 
 # mamba_inner_fn runs its convolution through causal-conv1d, so the fused path needs both packages.
 FUSED_KERNELS_AVAILABLE = mamba_inner_fn is not None and causal_conv1d_fn is not None
-_warned_fallback = False
-
-
-def fused_path(requested: bool, available: bool, device_type: str) -> bool:
-    """Whether a call takes the fused mamba-ssm path: requested, kernels imported, tensors on a GPU."""
-    global _warned_fallback
-    if not (requested and device_type == "cuda"):
-        return False
-    if not available and not _warned_fallback:
-        warnings.warn(
-            "mamba-ssm kernels are not installed (pip install 'msm-lightning[cuda]'): "
-            "the Mamba encoder runs the slower portable PyTorch scan on the GPU",
-            stacklevel=3,
-        )
-        _warned_fallback = True
-    return available
 
 
 class MambaMixer(nn.Module):

@@ -1,4 +1,4 @@
-"""Portable selective scan (the S6 recurrence of Mamba) in plain PyTorch, with a memory-lean backward.
+"""The selective scan (the S6 recurrence of Mamba): which implementation runs it, and its step-by-step oracle.
 
 Semantics follow mamba-ssm's `selective_scan_fn` for real A and input-dependent B, C:
 
@@ -7,471 +7,45 @@ Semantics follow mamba-ssm's `selective_scan_fn` for real A and input-dependent 
     y_t    = sum_n C_t[n] * h_t[..., n] + D * u_t
     y     *= silu(z)                                                     (optional)
 
-`selective_scan` walks the sequence in chunks of a few steps (`default_chunk_size`: 8 at Mamba-Tiny training
-shapes) and does all of its work chunk by chunk, in a few chunk-sized buffers that are reused for every chunk
-(so they stay in the last-level cache):
+Three implementations compute it, and the rules here choose between them:
 
-- forward, per chunk: step sizes (bias, softplus), exp(delta A) for the chunk's steps in one vectorised op,
-  then per step one multiply and one broadcast addcmul for h_t = exp(delta_t A) h_{t-1} + B_t (delta_t u_t),
-  then the chunk's outputs C_t^T h_t in one batched matmul, D skip and SiLU gate, written straight into the
-  output. Autograd keeps only the inputs themselves and the state entering each chunk.
-- backward, chunks in reverse: recompute the chunk's decays and states from its entry state, run the adjoint
-  g_t = C_t dy_t + exp(delta_{t+1} A) g_{t+1} backwards through the chunk (one multiply + one addcmul per
-  step), then every gradient (u, delta through softplus and bias, A, B, C, D, z) with per-chunk batched
-  matmuls, products and reductions, written straight into the gradient tensors.
-
-Only exp of non-positive numbers (for A <= 0) is ever taken, and nothing is divided, so long sequences and
-huge step sizes stay finite. No full-sequence temporaries are created: besides the outputs and gradients, a
-call allocates only the chunk buffers and the boundary states.
-
-Layout: internally time-major. [batch, C, L] inputs are read as [L, batch, C] views, and the chunk buffers
-are [steps, batch, N, d_inner] with d_inner innermost, so every step is one contiguous slab, the contraction
-with C and the reductions over d_inner are batched row-vector products, and reductions over N run across
-rows. The output is [batch, d_inner, L] laid out as [batch, L, d_inner] in memory (what Mamba's out_proj
-consumes after a transpose); gradients have the memory layout of their inputs.
+- mamba-ssm's fused CUDA kernels (`fused_path`): tensors on a GPU and the `cuda` extra installed. They fuse
+  the whole Mamba mixer around the scan, so `MambaMixer.forward` asks before it computes the scan's inputs.
+- the compiled CPU kernel (`cpu_scan.py`, `kernel_applies`): CPU tensors other than float64, when a C
+  compiler can build it.
+- the chunked PyTorch scan (`torch_scan.py`): everywhere else (a GPU without mamba-ssm, float64 for
+  gradcheck, no compiler, the switch off).
 """
 
 from __future__ import annotations
 
-import math
+import warnings
 
 import torch
 import torch.nn.functional as F
 
-from msm_lightning.model.encoders.cpu_scan import (
-    ScanKernel,
-    empty_like_layout,
-    kernel_selective_scan,
-    load_kernel,
-)
+from msm_lightning.model.encoders.cpu_scan import ScanKernel, kernel_selective_scan, load_kernel
+from msm_lightning.model.encoders.scan_inputs import ScanInputs, takes_arguments_of
+from msm_lightning.model.encoders.torch_scan import chunked_selective_scan
 
-__all__ = ["default_chunk_size", "selective_scan", "selective_scan_reference"]
+__all__ = ["fused_path", "kernel_applies", "selective_scan", "selective_scan_reference"]
 
-# Budget for the three [chunk, batch, N, d_inner] float32 work buffers. Chunks should be long enough to
-# amortise the per-chunk op overhead but short enough that the buffers stay in the last-level cache: on a
-# 2-core AVX2 VM with a shared 32 MiB L3, 8 steps at batch 8, N 24, d_inner 576 (10.1 MiB) measured best.
-_CHUNK_BYTES = 11 * 2**20
-_CHUNK_RANGE = (4, 64)
-
-# exp2 is about twice as fast as exp in PyTorch's CPU kernels, so the decays use exp2(delta * A * log2(e)).
-_LOG2E = 1.0 / math.log(2.0)
+_warned_fallback = False
 
 
-def _check_shapes(
-    u: torch.Tensor,
-    delta: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    D: torch.Tensor | None,
-    z: torch.Tensor | None,
-    delta_bias: torch.Tensor | None,
-) -> None:
-    """Raise a ValueError naming the first argument whose shape does not fit the others."""
-    if u.dim() != 3:
-        raise ValueError(f"u must be [batch, d_inner, L], got {tuple(u.shape)}")
-    if A.is_complex():
-        raise ValueError("complex A is not supported by the portable selective scan")
-    batch, d_inner, seq = u.shape
-    if A.dim() != 2 or A.shape[0] != d_inner:
-        raise ValueError(f"A must be [d_inner={d_inner}, N], got {tuple(A.shape)}")
-    n_state = A.shape[1]
-    expected = {
-        "delta": (delta, (batch, d_inner, seq)),
-        "B": (B, (batch, n_state, seq)),
-        "C": (C, (batch, n_state, seq)),
-        "D": (D, (d_inner,)),
-        "z": (z, (batch, d_inner, seq)),
-        "delta_bias": (delta_bias, (d_inner,)),
-    }
-    for name, (tensor, shape) in expected.items():
-        if tensor is not None and tuple(tensor.shape) != shape:
-            raise ValueError(f"{name} must have shape {shape}, got {tuple(tensor.shape)}")
-
-
-def default_chunk_size(batch: int, n_state: int, d_inner: int) -> int:
-    """Steps per chunk such that the chunk work buffers fit the cache budget, clamped to [4, 64]."""
-    per_step = 3 * batch * n_state * d_inner * 4  # bytes of one step in the three buffers
-    return max(_CHUNK_RANGE[0], min(_CHUNK_RANGE[1], _CHUNK_BYTES // max(per_step, 1)))
-
-
-def _compute_dtype(u: torch.Tensor) -> torch.dtype:
-    """Internal precision: float32, or float64 when the inputs are float64 (so gradcheck can run)."""
-    return torch.float64 if u.dtype == torch.float64 else torch.float32
-
-
-def selective_scan_reference(
-    u: torch.Tensor,
-    delta: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    D: torch.Tensor | None = None,
-    z: torch.Tensor | None = None,
-    delta_bias: torch.Tensor | None = None,
-    delta_softplus: bool = False,
-) -> torch.Tensor:
-    """Step-by-step selective scan with plain autograd: slow and memory-hungry, but obviously correct."""
-    _check_shapes(u, delta, A, B, C, D, z, delta_bias)
-    cd = _compute_dtype(u)
-    out_dtype = u.dtype
-    u, delta, A, B, C = (t.to(cd) for t in (u, delta, A, B, C))
-    if delta_bias is not None:
-        delta = delta + delta_bias.to(cd)[:, None]
-    if delta_softplus:
-        delta = F.softplus(delta)
-    batch, d_inner, seq = u.shape
-    h = u.new_zeros(batch, d_inner, A.shape[1])  # [batch, d_inner, N]
-    ys = []
-    for t in range(seq):
-        decay = torch.exp(delta[:, :, t, None] * A)  # [batch, d_inner, N]
-        drive = (delta[:, :, t] * u[:, :, t])[:, :, None] * B[:, None, :, t]  # [batch, d_inner, N]
-        h = decay * h + drive
-        ys.append((h * C[:, None, :, t]).sum(-1))  # [batch, d_inner]
-    y = torch.stack(ys, dim=-1) if ys else u.new_zeros(batch, d_inner, 0)  # [batch, d_inner, L]
-    if D is not None:
-        y = y + D.to(cd)[:, None] * u
-    if z is not None:
-        y = y * F.silu(z.to(cd))
-    return y.to(out_dtype)
-
-
-def _to_time_major(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """[batch, C, L] in any layout and dtype -> contiguous [L, batch, C] in `dtype` (one copy)."""
-    out = torch.empty(x.shape[2], x.shape[0], x.shape[1], dtype=dtype, device=x.device)
-    out.copy_(x.permute(2, 0, 1))
-    return out  # [L, batch, C]
-
-
-class _Buffers:
-    """Chunk-sized, time-major work buffers, allocated once per call and reused by every chunk."""
-
-    def __init__(self, k_max: int, batch: int, n_state: int, d_inner: int, like: torch.Tensor, adjoint: bool):
-        def empty(*shape: int) -> torch.Tensor:
-            return torch.empty(*shape, dtype=like.dtype, device=like.device)
-
-        rows = (k_max, batch, d_inner)
-        # Contiguous compute-dtype copies of the chunk's slices of the caller's tensors, which may be
-        # strided (e.g. u straight from the convolution) or bf16; every later op then reads contiguous rows.
-        self.u, self.z = empty(*rows), empty(*rows)
-        self.pre, self.delta = empty(*rows), empty(*rows)  # delta + bias; step sizes after softplus
-        self.du, self.y = empty(*rows), empty(*rows)  # delta * u; C^T h + D u
-        self.decay = empty(k_max, batch, n_state, d_inner)  # exp(delta A), later reused
-        self.state = empty(k_max + 1, batch, n_state, d_inner)  # slot 0: the state entering the chunk
-        if adjoint:
-            self.go, self.gy, self.tmp = empty(*rows), empty(*rows), empty(*rows)  # dL/dout, dL/dy
-            self.g_du, self.g_delta = empty(*rows), empty(*rows)
-            self.adj = empty(k_max, batch, n_state, d_inner)  # dL/dh, later reused
-            # exp(delta_{t+1} A) dL/dh_{t+1} for the first step t + 1 of the chunk to the right
-            self.carry = torch.zeros(batch, n_state, d_inner, dtype=like.dtype, device=like.device)
-            # Per-chunk sums of dL/dy * u (for dL/dD), reduced once at the end.
-            self.acc_D = torch.zeros(*rows, dtype=like.dtype, device=like.device)
-        self._views: dict[int, _ChunkViews] = {}
-
-    def views(self, k: int) -> _ChunkViews:
-        """The buffers cut to k steps, with per-step views; built once per distinct k (at most two)."""
-        if k not in self._views:
-            self._views[k] = _ChunkViews(self, k)
-        return self._views[k]
-
-
-class _ChunkViews:
-    """Views of `_Buffers` for a chunk of k steps: slicing inside the loops costs as much as arithmetic."""
-
-    def __init__(self, buf: _Buffers, k: int):
-        for name, value in vars(buf).items():
-            if isinstance(value, torch.Tensor) and name != "carry":
-                setattr(self, name, value[: k + 1] if name == "state" else value[:k])
-        self.decay_steps = self.decay.unbind(0)
-        self.state_steps = self.state.unbind(0)
-        self.du_rows = self.du[:, :, None, :].unbind(0)  # k x [batch, 1, d_inner]
-        if hasattr(self, "adj"):
-            self.adj_steps = self.adj.unbind(0)
-            self.go_rows = self.go[:, :, None, :].unbind(0)
-            self.gy_rows = self.gy[:, :, None, :].unbind(0)
-
-
-class _Inputs:
-    """The scan's inputs split into time-major chunks, plus small compute-dtype copies."""
-
-    def __init__(
-        self,
-        u: torch.Tensor,
-        delta: torch.Tensor,
-        A: torch.Tensor,
-        B: torch.Tensor,
-        C: torch.Tensor,
-        D: torch.Tensor | None,
-        z: torch.Tensor | None,
-        delta_bias: torch.Tensor | None,
-        delta_softplus: bool,
-        chunk: int,
-    ):
-        cd = _compute_dtype(u)
-        self.dtype = cd
-        self.batch, self.d_inner, self.seq = u.shape
-        self.n_state = A.shape[1]
-        self.k_max = min(chunk, self.seq)
-        # [k, batch, C] views of the caller's tensors, one per chunk: read (and cast) chunk by chunk, no
-        # full-sequence copies.
-        self.u = u.permute(2, 0, 1).split(chunk)
-        self.delta = delta.permute(2, 0, 1).split(chunk)
-        self.z = z.permute(2, 0, 1).split(chunk) if z is not None else None
-        B_t, C_t = _to_time_major(B, cd), _to_time_major(C, cd)  # [L, batch, N]
-        self.B, self.C = B_t.split(chunk), C_t.split(chunk)  # [k, batch, N] each, contiguous
-        # Per-step columns [batch, N, 1] for the broadcast products B_t x_t^T and C_t y_t^T.
-        self.B_cols, self.C_cols = B_t[:, :, :, None].unbind(0), C_t[:, :, :, None].unbind(0)
-        self.chunk = chunk
-        self.A = A.to(cd).t().contiguous()  # [N, d_inner]
-        self.A2 = self.A * _LOG2E  # exp2 is about twice as fast as exp in PyTorch's CPU kernels
-        self.D = D.to(cd) if D is not None else None
-        self.bias = delta_bias.to(cd) if delta_bias is not None else None
-        self.softplus = delta_softplus
-        self.n_chunks = len(self.u)
-
-    def buffers(self, adjoint: bool) -> _Buffers:
-        """Work buffers for this problem."""
-        return _Buffers(self.k_max, self.batch, self.n_state, self.d_inner, self.A, adjoint)
-
-    def step_sizes(self, v: _ChunkViews, c: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Chunk step sizes [k, batch, d_inner] after bias and softplus, and the softplus input or None."""
-        pre = v.pre if self.softplus else v.delta
-        if self.bias is not None:
-            torch.add(self.delta[c], self.bias, out=pre)
-        else:
-            pre.copy_(self.delta[c])
-        if not self.softplus:
-            return pre, None
-        return torch.ops.aten.softplus.out(pre, 1, 20, out=v.delta), pre  # F.softplus, into a buffer
-
-    def states(self, v: _ChunkViews, c: int, delta_c: torch.Tensor) -> None:
-        """Fill v.decay with exp(delta A) and v.state[1:] with h_t, from v.state[0] and v.u."""
-        torch.mul(delta_c[:, :, None, :], self.A2, out=v.decay)  # [k, batch, N, d_inner]
-        torch.exp2(v.decay, out=v.decay)
-        torch.mul(delta_c, v.u, out=v.du)  # [k, batch, d_inner]
-        # The rank-1 drive B_t (delta_t u_t)^T is added by a broadcast addcmul rather than materialised for
-        # the chunk: that saves writing and re-reading a chunk-sized tensor.
-        B_cols, du_rows = self.B_cols[c * self.chunk :], v.du_rows
-        steps, decays, mul = v.state_steps, v.decay_steps, torch.mul
-        for i in range(len(decays)):
-            mul(decays[i], steps[i], out=steps[i + 1]).addcmul_(B_cols[i], du_rows[i])
-
-    def outputs(self, v: _ChunkViews, c: int) -> torch.Tensor:
-        """y_t = C_t^T h_t + D u_t for a chunk whose states are in v.state, as [k, batch, d_inner]."""
-        rows = v.y.shape[0] * self.batch
-        # a batch of [1, N] @ [N, d_inner] products
-        torch.bmm(
-            self.C[c].view(rows, 1, self.n_state),
-            v.state[1:].view(rows, self.n_state, self.d_inner),
-            out=v.y.view(rows, 1, self.d_inner),
+def fused_path(requested: bool, available: bool, device_type: str) -> bool:
+    """Whether a call takes the fused mamba-ssm path: requested, kernels imported, tensors on a GPU."""
+    global _warned_fallback
+    if not (requested and device_type == "cuda"):
+        return False
+    if not available and not _warned_fallback:
+        warnings.warn(
+            "mamba-ssm kernels are not installed (pip install 'msm-lightning[cuda]'): "
+            "the Mamba encoder runs the slower portable PyTorch scan on the GPU",
+            stacklevel=3,
         )
-        if self.D is not None:
-            v.y.addcmul_(v.u, self.D)
-        return v.y
-
-
-def _scan_forward(x: _Inputs, out: torch.Tensor, boundaries: torch.Tensor | None) -> None:
-    """Write the gated scan output into out [batch, d_inner, L] and the chunk-entry states into boundaries."""
-    buf = x.buffers(adjoint=False)
-    buf.state[0].zero_()
-    out_chunks = out.permute(2, 0, 1).split(x.k_max)  # [k, batch, d_inner] views
-    for c in range(x.n_chunks):
-        v = buf.views(len(x.u[c]))
-        if boundaries is not None:
-            boundaries[c].copy_(buf.state[0])
-        delta_c, _ = x.step_sizes(v, c)
-        v.u.copy_(x.u[c])
-        x.states(v, c, delta_c)
-        y = x.outputs(v, c)
-        if x.z is not None:
-            torch.mul(F.silu(v.z.copy_(x.z[c]), inplace=True), y, out=out_chunks[c])
-        else:
-            out_chunks[c].copy_(y)
-        buf.state[0].copy_(v.state[-1])
-
-
-def _scan_backward(
-    x: _Inputs,
-    grad_out: torch.Tensor,
-    boundaries: torch.Tensor,
-    g_u: torch.Tensor,
-    g_delta: torch.Tensor,
-    g_z: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Fill g_u, g_delta, g_z [batch, d_inner, L]; return dA, dB_t, dC_t (time-major) and dD."""
-    seq, batch, n_state, d_inner = x.seq, x.batch, x.n_state, x.d_inner
-    buf = x.buffers(adjoint=True)
-    go = grad_out.permute(2, 0, 1).split(x.k_max)  # [k, batch, d_inner] views
-    g_u_c = g_u.permute(2, 0, 1).split(x.k_max)
-    g_delta_c = g_delta.permute(2, 0, 1).split(x.k_max)
-    g_z_c = g_z.permute(2, 0, 1).split(x.k_max) if g_z is not None else None
-    g_B_t = x.A.new_empty(seq, batch, n_state)
-    g_C_t = x.A.new_empty(seq, batch, n_state)
-    g_B_c, g_C_c = g_B_t.split(x.k_max), g_C_t.split(x.k_max)
-    g_A_t = x.A.new_zeros(n_state, d_inner)
-    carry = buf.carry
-
-    for c in reversed(range(x.n_chunks)):
-        v = buf.views(len(x.u[c]))
-        rows = v.u.shape[0] * batch
-        u_c = v.u.copy_(x.u[c])
-        go_c = v.go.copy_(go[c])
-        # Recompute the chunk's step sizes, decays and states from its entry state.
-        delta_c, pre_c = x.step_sizes(v, c)
-        v.state[0].copy_(boundaries[c])
-        x.states(v, c, delta_c)
-
-        # Gate: out = y * silu(z), so dL/dy = dout * silu(z) and dL/dz = dout * y * silu'(z).
-        if x.z is not None:
-            z_c = v.z.copy_(x.z[c])
-            if g_z_c is not None:
-                gy_y = torch.mul(go_c, x.outputs(v, c), out=v.tmp)
-                torch.ops.aten.silu_backward.grad_input(gy_y, z_c, grad_input=g_z_c[c])
-            gy, gy_rows = torch.mul(F.silu(z_c, inplace=True), go_c, out=v.gy), v.gy_rows
-        else:
-            gy, gy_rows = go_c, v.go_rows  # [k, batch, d_inner], k x [batch, 1, d_inner]
-        if x.D is not None:
-            v.acc_D.addcmul_(gy, u_c)
-
-        # Adjoint g_t = dL/dh_t = C_t dy_t + exp(delta_{t+1} A) g_{t+1}, backwards through the chunk. Each
-        # product exp(delta_t A) g_t overwrites its decay while g_t is still in cache: it is the next step's
-        # addend, the carry into the chunk to the left and a factor of dL/d(delta_t A).
-        C_cols = x.C_cols[c * x.chunk :]
-        adjs, decays, addcmul = v.adj_steps, v.decay_steps, torch.addcmul
-        last = len(adjs) - 1
-        addcmul(carry, C_cols[last], gy_rows[last], out=adjs[last])
-        for i in range(last, 0, -1):
-            addcmul(decays[i].mul_(adjs[i]), C_cols[i - 1], gy_rows[i - 1], out=adjs[i - 1])
-        carry.copy_(decays[0].mul_(adjs[0]))
-
-        # dL/dC_t = h_t dy_t ; dL/dB_t = g_t (delta_t u_t) ; dL/d(delta_t u_t) = B_t^T g_t
-        adj_rows = v.adj.view(rows, n_state, d_inner)
-        states_rows = v.state[1:].view(rows, n_state, d_inner)
-        torch.bmm(gy.view(rows, 1, d_inner), states_rows.transpose(1, 2), out=g_C_c[c].view(rows, 1, n_state))
-        torch.bmm(v.du.view(rows, 1, d_inner), adj_rows.transpose(1, 2), out=g_B_c[c].view(rows, 1, n_state))
-        torch.bmm(x.B[c].view(rows, 1, n_state), adj_rows, out=v.g_du.view(rows, 1, d_inner))
-
-        # X_t = dL/d(delta_t A) = exp(delta_t A) g_t * h_{t-1}; then dL/ddelta_t = sum_n A X_t and
-        # dL/dA = sum_{t, batch} delta_t X_t. v.adj is free to hold the weighted products.
-        X = v.decay.mul_(v.state[:-1])
-        torch.sum(torch.mul(X, x.A, out=v.adj), dim=2, out=v.g_delta)
-        g_A_t += torch.mul(X, delta_c[:, :, None, :], out=v.adj).view(rows, n_state, d_inner).sum(0)
-
-        # Chain through delta * u (and D u for u), then softplus and the bias for delta.
-        if x.D is not None:
-            torch.addcmul(torch.mul(v.g_du, delta_c, out=v.tmp), gy, x.D, out=g_u_c[c])
-        else:
-            torch.mul(v.g_du, delta_c, out=g_u_c[c])
-        v.g_delta.addcmul_(v.g_du, u_c)
-        if pre_c is not None:
-            torch.ops.aten.softplus_backward.grad_input(v.g_delta, pre_c, 1, 20, grad_input=g_delta_c[c])
-        else:
-            g_delta_c[c].copy_(v.g_delta)
-    g_D = buf.acc_D.sum(dim=(0, 1)) if x.D is not None else None
-    return g_A_t.t(), g_B_t, g_C_t, g_D
-
-
-def _from_time_major(x_t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """[L, batch, C] -> [batch, C, L] with the dtype and memory layout of `like` (one copy)."""
-    out = empty_like_layout(like)
-    out.copy_(x_t.permute(1, 2, 0))
-    return out
-
-
-def _new_output(u: torch.Tensor) -> torch.Tensor:
-    """Uninitialised [batch, d_inner, L] output in u's dtype, laid out as [batch, L, d_inner] in memory.
-
-    That layout is what Mamba's out_proj consumes (y.transpose(1, 2)) and lets the time-major chunks be
-    written as contiguous rows.
-    """
-    batch, d_inner, seq = u.shape
-    return torch.empty(batch, seq, d_inner, dtype=u.dtype, device=u.device).transpose(1, 2)
-
-
-class _SelectiveScanFn(torch.autograd.Function):
-    """Chunked selective scan whose backward keeps only the inputs and chunk-boundary states."""
-
-    @staticmethod
-    def forward(
-        ctx: torch.autograd.function.FunctionCtx,
-        u: torch.Tensor,
-        delta: torch.Tensor,
-        A: torch.Tensor,
-        B: torch.Tensor,
-        C: torch.Tensor,
-        D: torch.Tensor | None,
-        z: torch.Tensor | None,
-        delta_bias: torch.Tensor | None,
-        delta_softplus: bool,
-        chunk: int,
-    ) -> torch.Tensor:
-        """Run the chunked scan; save the inputs and the state entering each chunk."""
-        with torch.autocast(device_type=u.device.type, enabled=False):
-            x = _Inputs(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk)
-            out = _new_output(u)
-            boundaries = u.new_empty(x.n_chunks, x.batch, x.n_state, x.d_inner, dtype=x.dtype)
-            _scan_forward(x, out, boundaries)
-        ctx.delta_softplus = delta_softplus
-        ctx.chunk = chunk
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, boundaries)
-        return out
-
-    @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad_out: torch.Tensor) -> tuple:
-        """Recompute each chunk from its saved entry state and return gradients for every input."""
-        u, delta, A, B, C, D, z, delta_bias, boundaries = ctx.saved_tensors
-        with torch.autocast(device_type=u.device.type, enabled=False):
-            x = _Inputs(u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, ctx.chunk)
-            g_u = empty_like_layout(u)
-            g_delta = empty_like_layout(delta)
-            g_z = empty_like_layout(z) if z is not None and ctx.needs_input_grad[6] else None
-            g_A, g_B_t, g_C_t, g_D = _scan_backward(x, grad_out, boundaries, g_u, g_delta, g_z)
-            g_bias = g_delta.sum(dim=(0, 2), dtype=x.dtype) if delta_bias is not None else None
-            grads = (
-                g_u,
-                g_delta,
-                g_A.to(A.dtype),
-                _from_time_major(g_B_t, B),
-                _from_time_major(g_C_t, C),
-                g_D.to(D.dtype) if D is not None else None,
-                g_z,
-                g_bias.to(delta_bias.dtype) if delta_bias is not None else None,
-            )
-        return (
-            *(g if need else None for g, need in zip(grads, ctx.needs_input_grad, strict=False)),
-            None,
-            None,
-        )
-
-
-def _selective_scan(
-    u: torch.Tensor,
-    delta: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    D: torch.Tensor | None = None,
-    z: torch.Tensor | None = None,
-    delta_bias: torch.Tensor | None = None,
-    delta_softplus: bool = False,
-    chunk_size: int | None = None,
-) -> torch.Tensor:
-    """`selective_scan` with an explicit chunk size (None: `default_chunk_size`), for benchmarks and tests."""
-    _check_shapes(u, delta, A, B, C, D, z, delta_bias)
-    if chunk_size is None:
-        chunk_size = default_chunk_size(u.shape[0], A.shape[1], u.shape[1])
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    if u.shape[-1] == 0:
-        return torch.zeros_like(u)
-    inputs = (u, delta, A, B, C, D, z, delta_bias)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
-        return _SelectiveScanFn.apply(*inputs, delta_softplus, chunk_size)
-    # Inference: no boundary states, nothing saved.
-    with torch.autocast(device_type=u.device.type, enabled=False):
-        out = _new_output(u)
-        _scan_forward(_Inputs(*inputs, delta_softplus, chunk_size), out, None)
-    return out
+        _warned_fallback = True
+    return available
 
 
 def kernel_applies(u: torch.Tensor, A: torch.Tensor, use_kernel: bool) -> ScanKernel | None:
@@ -494,13 +68,40 @@ def selective_scan(
     delta_softplus: bool = False,
     use_kernel: bool = True,
 ) -> torch.Tensor:
-    """Selective scan with the semantics of mamba-ssm's `selective_scan_fn`.
+    """Selective scan with the semantics of mamba-ssm's `selective_scan_fn`, in u's dtype.
 
     On the CPU with `use_kernel`, the compiled kernel of `cpu_scan.py` runs the recurrence; otherwise (and
-    when it cannot be built) the chunked, memory-lean PyTorch scan of this module does.
+    when it cannot be built) the chunked, memory-lean PyTorch scan of `torch_scan.py` does.
     """
+    x = ScanInputs(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     kernel = kernel_applies(u, A, use_kernel)
-    if kernel is not None and u.shape[-1] > 0:
-        _check_shapes(u, delta, A, B, C, D, z, delta_bias)
-        return kernel_selective_scan(kernel, u, delta, A, B, C, D, z, delta_bias, delta_softplus)
-    return _selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    if kernel is not None and x.seq > 0:
+        return kernel_selective_scan(kernel, x)
+    return chunked_selective_scan(x)
+
+
+@takes_arguments_of(ScanInputs)
+def selective_scan_reference(x: ScanInputs) -> torch.Tensor:
+    """Step-by-step selective scan with plain autograd: slow and memory-hungry, but obviously correct.
+
+    Called with the arguments of `selective_scan` but `use_kernel`.
+    """
+    cd = x.compute_dtype
+    u, delta, A, B, C = (t.to(cd) for t in (x.u, x.delta, x.A, x.B, x.C))
+    if x.delta_bias is not None:
+        delta = delta + x.delta_bias.to(cd)[:, None]
+    if x.delta_softplus:
+        delta = F.softplus(delta)
+    h = u.new_zeros(x.batch, x.d_inner, x.n_state)  # [batch, d_inner, N]
+    ys = []
+    for t in range(x.seq):
+        decay = torch.exp(delta[:, :, t, None] * A)  # [batch, d_inner, N]
+        drive = (delta[:, :, t] * u[:, :, t])[:, :, None] * B[:, None, :, t]  # [batch, d_inner, N]
+        h = decay * h + drive
+        ys.append((h * C[:, None, :, t]).sum(-1))  # [batch, d_inner]
+    y = torch.stack(ys, dim=-1) if ys else u.new_zeros(x.batch, x.d_inner, 0)  # [batch, d_inner, L]
+    if x.D is not None:
+        y = y + x.D.to(cd)[:, None] * u
+    if x.z is not None:
+        y = y * F.silu(x.z.to(cd))
+    return y.to(x.u.dtype)
