@@ -23,7 +23,16 @@ from pathlib import Path
 
 from msm_lightning.evaluation.protocol import fmt_score
 from msm_lightning.model.families import FAMILIES
-from msm_lightning.pipelines import pipeline as pl
+from msm_lightning.pipelines.contenders import Contender, pretrained, random_twin
+from msm_lightning.pipelines.inputs import task_names
+from msm_lightning.pipelines.runs import Pipeline, StageLog, run_lock
+from msm_lightning.pipelines.stages import (
+    EvalSettings,
+    checkpoint_step,
+    embed_stage,
+    evaluate_stage,
+    export_stage,
+)
 
 LOSS_WINDOW = 50  # steps of logged training loss averaged before each checkpoint
 
@@ -58,7 +67,7 @@ def table(rows: list[tuple[str, Path, float | None]], tasks: list[str]) -> str:
 
 def task_links(tasks: Path, names: list[str] | None, out: Path) -> Path:
     """`out` with a symlink per chosen task folder of `tasks` (all when `names` is None)."""
-    chosen = names or pl.task_names(tasks)
+    chosen = names or task_names(tasks)
     missing = [n for n in chosen if not (tasks / n / "task_metadata.json").is_file()]
     if missing:
         raise SystemExit(f"pretraining_curve: no task {missing} in '{tasks}'")
@@ -97,39 +106,38 @@ def main() -> None:
     bench = json.loads(bench_log.read_text())["settings"]
     all_tasks = run / "tasks" if bench.get("max_per_split") else Path(bench["data"]) / "tasks"
     name = FAMILIES[family].paper_name
-    final = pl.pretrained(family, run / "bundles" / f"{name.lower()}-t")
+    final = pretrained(family, run / "bundles" / f"{name.lower()}-t")
     if final.model is None or not final.model.is_dir():
         raise SystemExit(f"pretraining_curve: no exported {name}-T bundle in '{run / 'bundles'}'")
-    settings = pl.EvalSettings(args.seeds, bench.get("grid", "restricted"), 1, None, args.eval_workers)
+    settings = EvalSettings(args.seeds, bench.get("grid", "restricted"), 1, None, args.eval_workers)
     ckpts = run / "pretrain" / family / "checkpoints"
-    with pl.run_lock(out, "curve"):
+    with run_lock(out, "curve"):
         tasks = task_links(all_tasks, args.tasks, out / "tasks")
-        names = pl.task_names(tasks)
-        log = pl.StageLog(
-            out / "curve.json", "curve", {"family": family, "steps": args.steps, "tasks": names}
-        )
-        p = pl.Pipeline(out, log)
-        points: list[tuple[str, pl.Embedder, float | None]] = [
-            ("random weights", pl.random_twin(family), None)
-        ]
+        names = task_names(tasks)
+        log = StageLog(out / "curve.json", "curve", {"family": family, "steps": args.steps, "tasks": names})
+        p = Pipeline(out, log)
+        points: list[tuple[str, Contender, float | None]] = [("random weights", random_twin(family), None)]
         for step in sorted(args.steps):
             ckpt = ckpts / f"step{step:08d}.ckpt"
             if not ckpt.is_file():
                 found = sorted(c.name for c in ckpts.glob("step*.ckpt"))
                 raise SystemExit(f"pretraining_curve: no checkpoint '{ckpt}'; found {found}")
-            bundle = pl.export(p, ckpt, out / "bundles" / f"step{step}", f"export step {step}")
-            embedder = pl.Embedder(f"{name}-T-step{step}", FAMILIES[family].hear_module, bundle)
-            points.append((str(step), embedder, train_loss(run, family, step)))
-        last = pl.checkpoint_step(ckpts / "last.ckpt") or 0
+            bundle = export_stage(
+                p, ckpt=ckpt, out=out / "bundles" / f"step{step}", stage=f"export step {step}"
+            )
+            contender = Contender(f"{name}-T-step{step}", FAMILIES[family].hear_module, bundle)
+            points.append((str(step), contender, train_loss(run, family, step)))
+        last = checkpoint_step(ckpts / "last.ckpt") or 0
         points.append((f"{last} (final)", final, train_loss(run, family, last)))
         rows = []
-        for label, embedder, loss in points:
-            benchmark_result = run / "results" / f"{embedder.name}.json"
+        for label, contender, loss in points:
+            benchmark_result = run / "results" / f"{contender.name}.json"
             if covers(benchmark_result, names, args.seeds):
                 rows.append((label, benchmark_result, loss))
                 continue
-            folder = pl.embed(p, embedder, tasks, out / "emb")
-            rows.append((label, pl.evaluate(p, embedder, folder, out / "results", settings), loss))
+            folder = embed_stage(p, contender, tasks=tasks, emb_root=out / "emb")
+            result = evaluate_stage(p, contender, folder=folder, results=out / "results", settings=settings)
+            rows.append((label, result, loss))
         log.finish()
     text = f"{name}-T: primary test score (mean ± 95 % CI over {args.seeds} seeds) by pretraining step\n\n"
     text += table(rows, names)

@@ -14,8 +14,8 @@ TOOLS: dict[str, str] = {
     "embed": "msm_lightning.hear.embed:main",
     "evaluate": "msm_lightning.evaluation.protocol:main",
     "score": "msm_lightning.evaluation.score:main",
-    "demo": "msm_lightning.pipelines.pipeline:demo_main",
-    "benchmark": "msm_lightning.pipelines.pipeline:benchmark_main",
+    "demo": "msm_lightning.pipelines.cli:demo_main",
+    "benchmark": "msm_lightning.pipelines.cli:benchmark_main",
 }
 
 

@@ -218,7 +218,7 @@ def test_early_stopping_counts_checks(emb):
 def test_protocol_beats_chance(emb, name, primary, floor):
     task = load_task(emb / name)
     grid = evaluate.task_grid(evaluate.RESTRICTED_GRID, task.metadata, max_epochs=24)
-    out = evaluate.evaluate_task(task, grid, seeds=[0], echo=lambda s: None)
+    out = evaluate.evaluate_task(task, grid=grid, seeds=[0], echo=lambda s: None)
     assert out["primary_metric"] == primary
     assert out["mean"] >= floor  # chance: 0.25 top-1 with 4 classes, about 0.4 mAP at a 40% label rate
     assert out["ci95"] is None  # one seed: no interval

@@ -1,142 +1,39 @@
-"""Task subsets (`msm data subset`) and the resumable `msm demo` / `msm benchmark` pipeline."""
+"""The resumable `msm demo` / `msm benchmark` pipelines: inputs, run folders, step planning, end to end."""
 
 from __future__ import annotations
 
 import json
-import os
-from collections import Counter
 from pathlib import Path
 
 import pytest
 
-from msm_lightning.datasets.subset import MARKER, stratified_pick, subset_task, subset_tasks
 from msm_lightning.datasets.synth import make_corpus
 from msm_lightning.datasets.synth_tasks import make_tasks
-from msm_lightning.pipelines import pipeline
+from msm_lightning.pipelines import demo, inputs, runs, stages
+from msm_lightning.pipelines.benchmark import BenchmarkSettings, run_benchmark
+from msm_lightning.pipelines.cli import benchmark_settings, demo_settings
+from msm_lightning.pipelines.demo import run_demo
+from msm_lightning.pipelines.speed import demo_steps
 
 
-@pytest.fixture(scope="module")
-def tasks_dir(tmp_path_factory) -> Path:
-    """The two synthetic HEAR tasks: synth-texture (train/valid/test, 5 labels) and synth-pitch (4 folds)."""
-    out = tmp_path_factory.mktemp("tasks")
-    make_tasks(out, seed=0)
-    return out
-
-
-def _splits(task: Path) -> dict[str, dict[str, list[str]]]:
-    meta = json.loads((task / "task_metadata.json").read_text())
-    return {s: json.loads((task / f"{s}.json").read_text()) for s in meta["splits"]}
-
-
-def test_subset_keeps_metadata_splits_and_vocabulary(tasks_dir, tmp_path):
-    written = subset_tasks(tasks_dir, tmp_path / "sub", max_per_split=7, seed=0)
-    assert [p.name for p in written] == ["synth-pitch", "synth-texture"]
-    for task in written:
-        src = tasks_dir / task.name
-        meta, src_meta = (json.loads((t / "task_metadata.json").read_text()) for t in (task, src))
-        subset = meta.pop("subset")
-        assert meta == src_meta  # everything but the note is unchanged, folds and split_mode included
-        assert subset["max_per_split"] == 7 and subset["seed"] == 0
-        assert (task / "labelvocabulary.csv").read_bytes() == (src / "labelvocabulary.csv").read_bytes()
-        src_splits = _splits(src)
-        for split, clips in _splits(task).items():
-            assert len(clips) == min(7, len(src_splits[split]))
-            assert all(src_splits[split][name] == labels for name, labels in clips.items())
-            # The source's order is kept, so heareval's seeded row shuffle sees the same relative order.
-            assert list(clips) == [n for n in src_splits[split] if n in clips]
-            assert sorted(os.listdir(task / "16000" / split)) == sorted(clips)
-            assert subset["splits"][split] == {"source": len(src_splits[split]), "kept": len(clips)}
-
-
-def test_subset_is_label_stratified_and_capped(tasks_dir, tmp_path):
-    texture = subset_task(tasks_dir / "synth-texture", tmp_path / "texture", max_per_split=12, seed=3)
-    for split, clips in _splits(texture).items():
-        counts = Counter(labels[0] for labels in clips.values())
-        assert len(clips) == 12, split
-        assert len(counts) == 5 and max(counts.values()) - min(counts.values()) <= 1
-    pitch = subset_task(tasks_dir / "synth-pitch", tmp_path / "pitch", max_per_split=14, seed=3)
-    for clips in _splits(pitch).values():  # 7 labels x 4 clips per fold: exactly 2 of each
-        assert Counter(labels[0] for labels in clips.values()) == Counter({p: 2 for p in "CDEFGAB"})
-    # A cap above a split's size keeps the whole split.
-    whole = subset_task(tasks_dir / "synth-pitch", tmp_path / "whole", max_per_split=1000)
-    assert _splits(whole) == _splits(tasks_dir / "synth-pitch")
-
-
-def test_splits_keep_the_same_labels_when_the_cap_is_below_the_label_count(tasks_dir, tmp_path):
-    pitch = subset_task(tasks_dir / "synth-pitch", tmp_path / "pitch", max_per_split=3, seed=5)
-    label_sets = [{labels[0] for labels in clips.values()} for clips in _splits(pitch).values()]
-    assert len(label_sets[0]) == 3 and all(s == label_sets[0] for s in label_sets)
-
-
-def test_stratified_pick_runs_out_of_rare_labels_gracefully():
-    import random
-
-    clips = {"a1": ["a"], "b1": ["b"], "b2": ["b"], "b3": ["b"], "b4": ["b"]}
-    picked = stratified_pick(clips, 3, random.Random(0))
-    assert "a1" in picked and len(picked) == 3
-    assert stratified_pick(clips, 10, random.Random(0)) == set(clips)
-
-
-def test_subset_is_deterministic_and_seeded(tasks_dir, tmp_path):
-    a = subset_task(tasks_dir / "synth-texture", tmp_path / "a", max_per_split=6, seed=0)
-    b = subset_task(tasks_dir / "synth-texture", tmp_path / "b", max_per_split=6, seed=0)
-    c = subset_task(tasks_dir / "synth-texture", tmp_path / "c", max_per_split=6, seed=1)
-    assert _splits(a) == _splits(b)
-    assert _splits(a) != _splits(c)
-
-
-def test_subset_links_only_source_audio(tasks_dir, tmp_path):
-    src = tasks_dir / "synth-pitch"
-    task = subset_task(src, tmp_path / "sub", max_per_split=5)
-    src_files = {p.resolve() for p in src.rglob("*") if p.is_file()}
-    for path in (task / "16000").rglob("*"):
-        if path.is_file():
-            rel = path.relative_to(task)
-            assert path.samefile(src / rel)  # a hard link (or symlink) to the same clip of the source
-            assert (src / rel).resolve() in src_files
-    # Nothing but metadata besides the linked audio.
-    others = {p.name for p in task.iterdir() if p.is_file()}
-    assert others == {"task_metadata.json", "labelvocabulary.csv", MARKER} | {
-        f"{s}.json" for s in _splits(src)
-    }
-
-
-def test_subset_rerun_skips_and_refuses_a_foreign_folder(tasks_dir, tmp_path):
-    src = tasks_dir / "synth-texture"
-    task = subset_task(src, tmp_path / "sub", max_per_split=4)
-    before = (task / "train.json").stat().st_mtime_ns
-    subset_task(src, tmp_path / "sub", max_per_split=4)
-    assert (task / "train.json").stat().st_mtime_ns == before
-    subset_task(src, tmp_path / "sub", max_per_split=8)  # other parameters: rebuilt
-    assert len(_splits(task)["train"]) == 8
-    foreign = tmp_path / "foreign"
-    foreign.mkdir()
-    (foreign / "notes.txt").write_text("mine")
-    with pytest.raises(ValueError, match="not a subset"):
-        subset_task(src, foreign, max_per_split=4)
-    with pytest.raises(ValueError, match="at least 1"):
-        subset_task(src, tmp_path / "zero", max_per_split=0)
-
-
-def test_subset_command_line(tasks_dir, tmp_path, capsys):
-    from msm_lightning.datasets.subset import main
-
-    main([str(tasks_dir), str(tmp_path / "sub"), "--max-per-split", "3"])
-    out = capsys.readouterr().out
-    assert "synth-texture: train 3/120, valid 3/40, test 3/40" in out
-    with pytest.raises(SystemExit, match="does not exist"):
-        main([str(tmp_path / "nope"), str(tmp_path / "x"), "--max-per-split", "3"])
+def _no_tool(cmd: list[str]) -> int:
+    raise AssertionError(f"no tool should run, got {cmd}")
 
 
 def test_missing_data_names_make_data(tmp_path):
-    args = pipeline.demo_parser().parse_args(
-        ["--data", str(tmp_path / "none"), "--out", str(tmp_path / "run")]
-    )
+    settings = demo_settings(["--data", str(tmp_path / "none"), "--out", str(tmp_path / "run")])
     with pytest.raises(SystemExit, match="make data"):
-        pipeline.run_demo(args, runner=_no_tool)
-    args = pipeline.benchmark_parser().parse_args(["--data", str(tmp_path), "--out", str(tmp_path / "run")])
+        run_demo(settings, runner=_no_tool)
+    settings = benchmark_settings(["--data", str(tmp_path), "--out", str(tmp_path / "run")])
     with pytest.raises(SystemExit, match="make data"):
-        pipeline.run_benchmark(args, runner=_no_tool)
+        run_benchmark(settings, runner=_no_tool)
+
+
+def test_command_lines_give_the_library_defaults():
+    assert demo_settings([]) == demo.DemoSettings()
+    assert benchmark_settings([]) == BenchmarkSettings()
+    settings = benchmark_settings(["--no-peers", "--families", "mamba", "--fit-args", "--a", "1"])
+    assert not settings.peers and settings.families == ("mamba",) and settings.fit_args == ("--a", "1")
 
 
 def test_a_run_folder_in_use_is_refused_and_a_stale_lock_taken_over(tmp_path):
@@ -148,38 +45,60 @@ def test_a_run_folder_in_use_is_refused_and_a_stale_lock_taken_over(tmp_path):
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         (run / ".lock").write_text(f"{sleeper.pid}\n")
-        args = pipeline.demo_parser().parse_args(["--data", str(tmp_path / "none"), "--out", str(run)])
+        settings = demo_settings(["--data", str(tmp_path / "none"), "--out", str(run)])
         with pytest.raises(SystemExit, match=f"another pipeline \\(process {sleeper.pid}\\)"):
-            pipeline.run_demo(args, runner=_no_tool)
+            run_demo(settings, runner=_no_tool)
     finally:
         sleeper.kill()
         sleeper.wait()
     # The owner is gone: the lock is taken over (the run then stops at the missing data) and released.
     with pytest.raises(SystemExit, match="make data"):
-        pipeline.run_demo(args, runner=_no_tool)
+        run_demo(settings, runner=_no_tool)
     assert not (run / ".lock").exists()
 
 
 def test_missing_peers_names_the_extra(monkeypatch, tmp_path):
     # Only torchcrepe missing, whatever this environment has installed (CI has no `peers` extra).
     monkeypatch.setattr(
-        pipeline.importlib.util, "find_spec", lambda name: None if name == "torchcrepe" else object()
+        inputs.importlib.util, "find_spec", lambda name: None if name == "torchcrepe" else object()
     )
     with pytest.raises(SystemExit, match=r"extra `peers` \(torchcrepe missing\)"):
-        pipeline.check_peers("benchmark")
+        inputs.check_peers("benchmark")
 
 
-def test_fit_arguments_bound_time_and_resume(tmp_path):
-    spec = pipeline.PretrainSpec("mamba", 200, Path("m.txt"), tmp_path, max_minutes=10.5)
-    args = [str(a) for a in spec.fit_args()]
-    assert args[args.index("--trainer.max_time") + 1] == "00:00:10:30"
-    assert args[args.index("--model.warmup_steps") + 1] == "20"
-    assert args[-2:] == ["--ckpt_path", "last"]
-    assert pipeline.demo_steps("mamba", 10) == int(600 / pipeline.SECONDS_PER_STEP["mamba"])
+def _pipeline(tmp_path: Path) -> runs.Pipeline:
+    return runs.Pipeline(tmp_path, runs.StageLog(tmp_path / "demo.json", "demo", {}), _no_tool)
 
 
-def _no_tool(cmd: list[str]) -> int:
-    raise AssertionError(f"no tool should run, got {cmd}")
+def test_demo_steps_are_planned_from_a_measured_speed(monkeypatch, tmp_path):
+    calls = []
+
+    def measured(family: str, manifest: Path, *, config: str) -> float:
+        calls.append((family, manifest, config))
+        return 2.0
+
+    monkeypatch.setattr(demo, "measure_seconds_per_step", measured)
+    p = _pipeline(tmp_path)
+    root = tmp_path / "pretrain" / "mamba"
+    steps = demo.plan_steps(p, family="mamba", manifest=Path("m.txt"), root=root, minutes=10)
+    assert steps == demo_steps(10, 2.0) == 300
+    assert calls == [("mamba", Path("m.txt"), stages.PRETRAIN_CONFIG)]
+    entry = p.log.data["stages"]["time mamba steps"]
+    assert entry["seconds_per_step"] == 2.0 and entry["planned_steps"] == 300
+
+
+def test_a_started_pretraining_keeps_its_planned_steps(monkeypatch, tmp_path):
+    def no_measuring(*args, **kwargs) -> float:
+        raise AssertionError("a started pretraining must not be timed again")
+
+    monkeypatch.setattr(demo, "measure_seconds_per_step", no_measuring)
+    root = tmp_path / "pretrain" / "mamba"
+    spec = stages.PretrainSpec("mamba", 123, Path("m.txt"), root, max_minutes=10)
+    root.mkdir(parents=True)
+    (root / stages.PRETRAIN_SETTINGS_FILE).write_text(json.dumps(spec.settings()))
+    p = _pipeline(tmp_path)
+    assert demo.plan_steps(p, family="mamba", manifest=Path("m.txt"), root=root, minutes=10) == 123
+    assert p.log.this_run == {"time mamba steps": "skipped"}
 
 
 @pytest.mark.slow
@@ -195,9 +114,9 @@ def test_demo_pipeline_end_to_end_then_skips_finished_stages(tmp_path, capfd):
 
     def recording(cmd: list[str]) -> int:
         tools.append(cmd[cmd.index("msm_lightning") + 1])
-        return pipeline.run_command(cmd)
+        return runs.run_command(cmd)
 
-    pipeline.run_demo(pipeline.demo_parser().parse_args(argv), runner=recording)
+    run_demo(demo_settings(argv), runner=recording)
     assert tools == ["fit", "export", "embed", "evaluate", "embed", "evaluate", "embed", "evaluate", "score"]
     log = json.loads((run / "demo.json").read_text())
     # 3 steps with a checkpoint every 2: last.ckpt still holds the final step (StepCheckpoint).
@@ -212,7 +131,7 @@ def test_demo_pipeline_end_to_end_then_skips_finished_stages(tmp_path, capfd):
 
     # A rerun finds everything done: only the (cheap) score runs again.
     tools.clear()
-    pipeline.run_demo(pipeline.demo_parser().parse_args(argv), runner=recording)
+    run_demo(demo_settings(argv), runner=recording)
     assert tools == ["score"]
     assert "pretrain transformer: skipped" in capfd.readouterr().out
 
@@ -222,7 +141,7 @@ def test_demo_pipeline_end_to_end_then_skips_finished_stages(tmp_path, capfd):
     result = json.loads(path.read_text())
     del result["tasks"]["synth-pitch"]
     path.write_text(json.dumps(result))
-    (run / "pretrain" / "transformer" / pipeline.DONE).unlink()
+    (run / "pretrain" / "transformer" / stages.PRETRAIN_DONE_FILE).unlink()
     tools.clear()
     commands: list[list[str]] = []
 
@@ -230,10 +149,10 @@ def test_demo_pipeline_end_to_end_then_skips_finished_stages(tmp_path, capfd):
         commands.append(cmd)
         return recording(cmd)
 
-    pipeline.run_demo(pipeline.demo_parser().parse_args(argv), runner=recording_commands)
+    run_demo(demo_settings(argv), runner=recording_commands)
     assert tools == ["evaluate", "score"]
     assert commands[0][-2:] == ["--tasks", "synth-pitch"]
 
     # Other pretraining settings in the same run folder are refused, not mixed.
     with pytest.raises(SystemExit, match="other settings"):
-        pipeline.run_demo(pipeline.demo_parser().parse_args([*argv, "--minutes", "3"]), runner=_no_tool)
+        run_demo(demo_settings([*argv, "--minutes", "3"]), runner=_no_tool)

@@ -56,7 +56,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor
-from dataclasses import asdict, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +100,27 @@ GRIDS = {"hear": HEAR_GRID, "restricted": RESTRICTED_GRID}
 RESULT_FORMAT = "msm-evaluate/1"
 
 Echo = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class ProtocolSettings:
+    """The options a result records as its protocol: grid, points per seed, epoch cap, scaling, device."""
+
+    grid: str = "restricted"  # a key of GRIDS
+    grid_points: int = 8
+    max_epochs: int | None = None  # overrides the grid's (and the task's) epochs when set
+    standardize: bool = False
+    device: str = "cpu"  # Lightning accelerator
+
+    def record(self, grid_values: dict[str, list[Any]]) -> dict[str, Any]:
+        """The `protocol` entry of a task's result, with the task's own grid values."""
+        return {
+            "grid": self.grid,
+            "grid_values": grid_values,
+            "grid_points": self.grid_points,
+            "standardize": self.standardize,
+            "device": self.device,
+        }
 
 
 def task_grid(
@@ -269,6 +290,7 @@ def summarise(task: TaskData, runs: list[dict[str, Any]], protocol: dict[str, An
 
 def evaluate_task(
     task: TaskData,
+    *,
     grid: dict[str, list[Any]],
     seeds: list[int],
     grid_points: int = 8,
@@ -383,6 +405,59 @@ def write_results(out_dir: Path, model: str, embedding_dir: Path, tasks: dict[st
     return path
 
 
+def evaluate_all(
+    embeddings: Path,
+    out: Path,
+    *,
+    model: str,
+    seeds: list[int],
+    protocol: ProtocolSettings = ProtocolSettings(),
+    tasks: list[str] | None = None,
+    csv_logs: bool = False,
+    echo: Echo = print,
+    pool: Executor | None = None,
+) -> tuple[Path | None, dict[str, Any]]:
+    """Evaluate every scene task of an embedding folder, saving `out/<model>.json` after each task.
+
+    `tasks` picks task folder names or task_name values (an event task among them is an error; without
+    `tasks` event tasks are skipped with a warning). Returns the result file (None when no task was
+    evaluated) and the evaluated tasks' entries; raises EmbeddingFormatError on malformed input.
+    """
+    path = None
+    results: dict[str, Any] = {}
+    for task_dir in find_tasks(embeddings, tasks):
+        metadata = read_metadata(task_dir)
+        if metadata["embedding_type"] != "scene":
+            if tasks:
+                raise EmbeddingFormatError(f"{task_dir}: event tasks are not supported")
+            kind = metadata["embedding_type"]
+            print(f"msm evaluate: skipping {task_dir.name} (embedding_type {kind!r})", file=sys.stderr)
+            continue
+        task = load_task(task_dir)
+        grid = task_grid(GRIDS[protocol.grid], task.metadata, protocol.max_epochs)
+        echo(
+            f"[{task.name}] {task.prediction_type}, {len(task.data_splits())} split(s), dim {task.dim}, "
+            f"{task.n_labels} labels, primary {task.metrics[0]}"
+        )
+        results[task.name] = evaluate_task(
+            task,
+            grid=grid,
+            seeds=seeds,
+            grid_points=protocol.grid_points,
+            accelerator=protocol.device,
+            standardize=protocol.standardize,
+            log_dir=out / "logs" / model if csv_logs else None,
+            echo=echo,
+            protocol=protocol.record(grid),
+            pool=pool,
+        )
+        t = results[task.name]
+        echo(f"[{task.name}] {t['primary_metric']} {fmt_score(t['primary_metric'], t['mean'], t['ci95'])}")
+        # Written after every task so that a long run keeps what it has finished.
+        path = write_results(out, model, embeddings, {task.name: results[task.name]})
+    return path, results
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Arguments of `msm evaluate`."""
     p = argparse.ArgumentParser(
@@ -430,63 +505,24 @@ def main(argv: list[str]) -> None:
         torch.set_num_threads(args.threads)
     emb = args.embeddings
     model = args.name or (emb.parent.name if (emb / "task_metadata.json").is_file() else emb.name)
-    echo: Echo = no_echo if args.quiet else print_line
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+    protocol = ProtocolSettings(args.grid, args.grid_points, args.max_epochs, args.standardize, args.device)
     with seed_pool(min(args.workers, len(seeds)), args.threads) as pool:
-        path, results = _evaluate_all(args, emb, model, seeds, echo, pool)
+        try:
+            path, results = evaluate_all(
+                emb,
+                args.out,
+                model=model,
+                seeds=seeds,
+                protocol=protocol,
+                tasks=args.tasks,
+                csv_logs=args.csv_logs,
+                echo=no_echo if args.quiet else print_line,
+                pool=pool,
+            )
+        except EmbeddingFormatError as err:
+            raise SystemExit(f"msm evaluate: {err}") from err
     if not results:
         raise SystemExit(f"msm evaluate: no scene tasks in {emb}")
     print(f"wrote {path} and {path.with_suffix('.md')}")
     print(markdown(json.loads(path.read_text())))
-
-
-def _evaluate_all(
-    args: argparse.Namespace, emb: Path, model: str, seeds: list[int], echo: Echo, pool: Executor | None
-) -> tuple[Path | None, dict[str, Any]]:
-    """`main`'s loop over tasks; returns the result file and the tasks' entries."""
-    path = None
-    results: dict[str, Any] = {}
-    try:
-        task_dirs = find_tasks(emb, args.tasks)
-        for task_dir in task_dirs:
-            metadata = read_metadata(task_dir)
-            if metadata["embedding_type"] != "scene":
-                if args.tasks:
-                    raise EmbeddingFormatError(f"{task_dir}: event tasks are not supported")
-                kind = metadata["embedding_type"]
-                print(f"msm evaluate: skipping {task_dir.name} (embedding_type {kind!r})", file=sys.stderr)
-                continue
-            task = load_task(task_dir)
-            grid = task_grid(GRIDS[args.grid], task.metadata, args.max_epochs)
-            protocol = {
-                "grid": args.grid,
-                "grid_values": grid,
-                "grid_points": args.grid_points,
-                "standardize": args.standardize,
-                "device": args.device,
-            }
-            echo(
-                f"[{task.name}] {task.prediction_type}, {len(task.data_splits())} split(s), dim {task.dim}, "
-                f"{task.n_labels} labels, primary {task.metrics[0]}"
-            )
-            results[task.name] = evaluate_task(
-                task,
-                grid,
-                seeds,
-                args.grid_points,
-                args.device,
-                args.standardize,
-                args.out / "logs" / model if args.csv_logs else None,
-                echo,
-                protocol,
-                pool,
-            )
-            t = results[task.name]
-            echo(
-                f"[{task.name}] {t['primary_metric']} {fmt_score(t['primary_metric'], t['mean'], t['ci95'])}"
-            )
-            # Written after every task so that a long run keeps what it has finished.
-            path = write_results(args.out, model, emb, {task.name: results[task.name]})
-    except EmbeddingFormatError as err:
-        raise SystemExit(f"msm evaluate: {err}") from err
-    return path, results
