@@ -14,7 +14,7 @@ from msm_lightning.model.families import FAMILIES, WIDTHS
 from msm_lightning.model.masking import random_mask
 from msm_lightning.model.msm import MaskedSpectrogramModel
 
-# SPEC section 3, millions of parameters including the reconstruction head.
+# docs/METHOD.md §3, millions of parameters including the reconstruction head.
 REFERENCE_PARAMS = {
     ("transformer", "tiny"): 5.4,
     ("transformer", "small"): 21.5,

@@ -1,4 +1,4 @@
-"""Front end, patches, positions and masking (SPEC sections 1 and 2)."""
+"""Front end, patches, positions and masking (docs/METHOD.md §1 and §2)."""
 
 import math
 

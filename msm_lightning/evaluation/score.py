@@ -1,7 +1,7 @@
 """`msm score`: compare models' `msm evaluate` results with the aggregated normalised score s(m).
 
 s(m) = mean over tasks t of 100 * (x_t(m) - min_t) / (max_t - min_t), where x_t(m) is model m's mean test
-score on task t over seeds and min_t / max_t are taken over the models being compared (SPEC section 6).
+score on task t over seeds and min_t / max_t are taken over the models being compared (docs/METHOD.md §6).
 
 Choices:
 - Only tasks that every model has are scored; the others are listed in a warning. A task on which all
