@@ -18,7 +18,8 @@ from torch.utils.data import DataLoader
 
 from msm_lightning.cli import main as msm
 from msm_lightning.hear import encoder as hear
-from msm_lightning.hear.embed import embed_tasks, embeddings_folder_name, slugify
+from msm_lightning.hear.embed import embed_tasks
+from msm_lightning.hear.layout import embeddings_folder_name, slugify
 from msm_lightning.model.bundle import ModelFileError, export_checkpoint, load_model_file
 from msm_lightning.training.datamodule import AudioDataModule
 from msm_lightning.training.module import MSMPretraining

@@ -288,6 +288,24 @@ def test_hearformat_writer_layout(tmp_path: Path, kfold: bool) -> None:
     assert any("content changed" in p for p in verify_checksums(folder))
 
 
+# sha256 of the tiny train/valid/test task's text files as the writer has always written them: a change
+# here changes the checksums (and so the fingerprints) of every built task.
+TINY_TEXT_SHA256 = {
+    "labelvocabulary.csv": "370783ada1d544a4717756e31227b749c0aa41445a7e562b2bbb3ed8a7792f30",
+    "provenance.csv": "8a9630866b666f04394113478115cdf9c4e0d5240f2f4c3f8a8f652902c8bc23",
+    "task_metadata.json": "83411df599acf51dadb1f4e760d9aa5071178c077e14bc24ec143c95acfb33c1",
+    "test.json": "5234788bb64badb4bd44a5c080833151afd0041f7a58a6e8318f7b82a373dedc",
+    "train.json": "1181d9cd4c2f1916a89cee6c0325c4e7f373104372292804f92af8921d35f463",
+    "valid.json": "e95c49273e4e6b70fe3358fd6e2e298c301d97c58cd6feea6faa84c0e1ba6a85",
+}
+
+
+def test_hearformat_text_files_keep_their_bytes(tmp_path: Path) -> None:
+    folder = write_task(tmp_path / "tiny", tiny_plan(), sine, progress=False)
+    listed = dict(line.split("  ")[::-1] for line in (folder / "checksums.sha256").read_text().splitlines())
+    assert {rel: listed[rel] for rel in TINY_TEXT_SHA256} == TINY_TEXT_SHA256
+
+
 def test_writer_refuses_wrong_length_and_leaks(tmp_path: Path) -> None:
     plan = tiny_plan()
     with pytest.raises(ValueError, match="rendered shape"):

@@ -5,7 +5,7 @@ import json
 import soundfile as sf
 
 from msm_lightning.datasets.synth_tasks import make_tasks
-from msm_lightning.evaluation.taskdata import split_names
+from msm_lightning.hear.layout import split_names
 
 
 def test_synthetic_tasks_layout_and_balance(tmp_path):

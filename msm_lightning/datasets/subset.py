@@ -9,8 +9,9 @@ never copied; `task_metadata.json` gains a `subset` entry saying what was taken 
 
 Output per task: `task_metadata.json` (+ `subset`), `labelvocabulary.csv` (unchanged), `{split}.json` (the
 chosen clips in the source's order), `{sr}/{split}/<clip>` links for every sample-rate folder of the
-source, `provenance.csv` filtered to the chosen clips if the source has one, and `.msm-subset.json`, the
-completion marker that lets a rerun with the same arguments skip the task.
+source, `provenance.csv` filtered to the chosen clips if the source has one, and `.msm-subset.json`
+(`SUBSET_DONE_MARKER`), the completion marker that lets a rerun with the same arguments skip the task.
+The file names and formats are those of `msm_lightning.hear.layout`.
 """
 
 from __future__ import annotations
@@ -25,19 +26,27 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-MARKER = ".msm-subset.json"
+from msm_lightning.hear.layout import (
+    METADATA_FILE,
+    PROVENANCE_FILE,
+    SOURCES_FILE,
+    audio_dir,
+    is_task,
+    list_tasks,
+    metadata_path,
+    read_split_labels,
+    read_task_metadata,
+    sample_rates,
+    split_names,
+    vocabulary_path,
+    write_csv,
+    write_json,
+    write_split_labels,
+)
+
+SUBSET_DONE_MARKER = ".msm-subset.json"  # a finished subset, holding the parameters it was made with
+MARKER = SUBSET_DONE_MARKER  # former name, still imported by tests/test_subset.py
 SUBSET_FORMAT = "msm-subset/2"
-
-
-def split_list(metadata: dict[str, Any], task_dir: Path) -> list[str]:
-    """The task's split names: `splits` in the metadata, else the `{split}.json` files present."""
-    if metadata.get("splits"):
-        return [str(s) for s in metadata["splits"]]
-    found = sorted(p.stem for p in task_dir.glob("*.json") if p.stem in ("train", "valid", "test"))
-    found += sorted(p.stem for p in task_dir.glob("fold*.json"))
-    if not found:
-        raise ValueError(f"task '{task_dir}' lists no splits and has no train/valid/test or fold JSON files")
-    return found
 
 
 def stratum(labels: list[str]) -> str:
@@ -92,7 +101,7 @@ def _subset_params(src: Path, max_per_split: int, seed: int) -> dict[str, Any]:
 
 def is_current(src: str | Path, dst: str | Path, max_per_split: int, seed: int = 0) -> bool:
     """Whether `dst` is already the finished subset of task folder `src` with these parameters."""
-    marker = Path(dst) / MARKER
+    marker = Path(dst) / SUBSET_DONE_MARKER
     return marker.is_file() and json.loads(marker.read_text()) == _subset_params(
         Path(src), max_per_split, seed
     )
@@ -100,14 +109,11 @@ def is_current(src: str | Path, dst: str | Path, max_per_split: int, seed: int =
 
 def _filter_provenance(src: Path, dst: Path, kept: dict[str, set[str]]) -> None:
     """provenance.csv rows of the kept clips only (rows name their clip by filename and split)."""
-    with (src / "provenance.csv").open(newline="") as f:
+    with (src / PROVENANCE_FILE).open(newline="") as f:
         reader = csv.DictReader(f)
         fields = reader.fieldnames or []
         rows = [r for r in reader if r.get("filename") in kept.get(r.get("split", ""), set())]
-    with (dst / "provenance.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(dst / PROVENANCE_FILE, fields, ([r.get(k) for k in fields] for r in rows))
 
 
 def subset_task(src: str | Path, dst: str | Path, max_per_split: int, seed: int = 0) -> Path:
@@ -115,11 +121,10 @@ def subset_task(src: str | Path, dst: str | Path, max_per_split: int, seed: int 
     src, dst = Path(src), Path(dst)
     if max_per_split < 1:
         raise ValueError(f"max_per_split must be at least 1, got {max_per_split}")
-    meta_path = src / "task_metadata.json"
-    if not meta_path.is_file():
-        raise ValueError(f"'{src}' is not a task folder (no task_metadata.json)")
+    if not is_task(src):
+        raise ValueError(f"'{src}' is not a task folder (no {METADATA_FILE})")
     params = _subset_params(src, max_per_split, seed)
-    marker = dst / MARKER
+    marker = dst / SUBSET_DONE_MARKER
     if is_current(src, dst, max_per_split, seed):
         return dst
     if dst.exists():
@@ -128,9 +133,9 @@ def subset_task(src: str | Path, dst: str | Path, max_per_split: int, seed: int 
                 f"'{dst}' exists and is not a subset written by msm data subset; not replacing it"
             )
         shutil.rmtree(dst)
-    metadata = json.loads(meta_path.read_text())
-    splits = split_list(metadata, src)
-    rate_dirs = sorted(p for p in src.iterdir() if p.is_dir() and p.name.isdigit())
+    metadata = read_task_metadata(src)
+    splits = split_names(metadata, src)
+    rates = sample_rates(src)
     # Build beside the target and rename at the end, so an interrupted run never looks finished.
     tmp = dst.with_name(f".{dst.name}.partial")
     if tmp.exists():
@@ -141,37 +146,33 @@ def subset_task(src: str | Path, dst: str | Path, max_per_split: int, seed: int 
     link_kinds: set[str] = set()
     task_name = str(metadata.get("task_name", src.name))
     for split in splits:
-        split_path = src / f"{split}.json"
-        if not split_path.is_file():
-            raise ValueError(f"task '{src}' lists split {split!r} but has no {split_path.name}")
-        clips: dict[str, list[str]] = json.loads(split_path.read_text())
+        clips: dict[str, list[str]] = read_split_labels(src, split)
         # Clips: one generator per (seed, task, split), so a split's choice does not depend on the others;
         # label order: one per (seed, task), shared by the splits.
         rng = random.Random(f"{seed}/{task_name}/{split}")
         picked = stratified_pick(clips, max_per_split, rng, order_seed=f"{seed}/{task_name}")
         kept[split] = picked
         counts[split] = {"source": len(clips), "kept": len(picked)}
-        (tmp / split_path.name).write_text(
-            json.dumps({k: v for k, v in clips.items() if k in picked}, indent=1)
-        )
-        for rate_dir in rate_dirs:
-            out_dir = tmp / rate_dir.name / split
+        write_split_labels(tmp, split, {k: v for k, v in clips.items() if k in picked})
+        for rate in rates:
+            out_dir = audio_dir(tmp, split, rate)
             out_dir.mkdir(parents=True, exist_ok=True)
             for name in clips:
                 if name in picked:
-                    audio = rate_dir / split / name
+                    audio = audio_dir(src, split, rate) / name
                     if not audio.is_file():
                         raise ValueError(f"task '{src}': clip '{audio}' of split {split!r} is missing")
                     (out_dir / name).parent.mkdir(parents=True, exist_ok=True)
                     link_kinds.add(_link(audio, out_dir / name))
-    shutil.copy2(src / "labelvocabulary.csv", tmp / "labelvocabulary.csv")
-    if (src / "provenance.csv").is_file():
+    shutil.copy2(vocabulary_path(src), vocabulary_path(tmp))
+    if (src / PROVENANCE_FILE).is_file():
         _filter_provenance(src, tmp, kept)
-    if (src / "sources.json").is_file():
-        shutil.copy2(src / "sources.json", tmp / "sources.json")
+    if (src / SOURCES_FILE).is_file():
+        shutil.copy2(src / SOURCES_FILE, tmp / SOURCES_FILE)
     metadata["subset"] = {**params, "splits": counts, "audio": sorted(link_kinds)}
-    (tmp / "task_metadata.json").write_text(json.dumps(metadata, indent=1))
-    (tmp / MARKER).write_text(json.dumps(params))
+    # The source's key order, not sorted keys: the split counts then stay in split order.
+    write_json(metadata_path(tmp), metadata)
+    (tmp / SUBSET_DONE_MARKER).write_text(json.dumps(params))
     tmp.rename(dst)
     return dst
 
@@ -179,14 +180,9 @@ def subset_task(src: str | Path, dst: str | Path, max_per_split: int, seed: int 
 def subset_tasks(src: str | Path, dst: str | Path, max_per_split: int, seed: int = 0) -> list[Path]:
     """Subset one task folder, or every task folder (with task_metadata.json) under `src` into `dst`."""
     src, dst = Path(src), Path(dst)
-    if not src.is_dir():
-        raise ValueError(f"tasks folder '{src}' does not exist")
-    if (src / "task_metadata.json").is_file():
+    if is_task(src):
         return [subset_task(src, dst, max_per_split, seed)]
-    tasks = sorted(p for p in src.iterdir() if (p / "task_metadata.json").is_file())
-    if not tasks:
-        raise ValueError(f"no task folders (with task_metadata.json) under '{src}'")
-    return [subset_task(t, dst / t.name, max_per_split, seed) for t in tasks]
+    return [subset_task(t, dst / t.name, max_per_split, seed) for t in list_tasks(src)]
 
 
 DESCRIPTION = (
@@ -211,7 +207,7 @@ def run(args: argparse.Namespace) -> None:
     except ValueError as err:
         raise SystemExit(f"msm data subset: {err}") from err
     for task in written:
-        counts = json.loads((task / "task_metadata.json").read_text())["subset"]["splits"]
+        counts = read_task_metadata(task)["subset"]["splits"]
         sizes = ", ".join(f"{s} {c['kept']}/{c['source']}" for s, c in counts.items())
         print(f"{task}: {sizes}")
 

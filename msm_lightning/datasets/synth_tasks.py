@@ -7,13 +7,20 @@ Real-audio tasks come from `msm data`; these exist so the whole HEAR path runs a
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 
 from msm_lightning.datasets.synth import _KINDS, _envelope, _harmonic, _signal
+from msm_lightning.hear.layout import (
+    NEW_SPLIT_KFOLD,
+    TRAIN_VALID_TEST,
+    TRAINVALTEST,
+    audio_dir,
+    fold_names,
+    write_task_files,
+)
 
 SAMPLE_RATE = 16000
 PITCH_CLASSES = ("C", "D", "E", "F", "G", "A", "B")
@@ -23,19 +30,13 @@ _SEMITONES = (0, 2, 4, 5, 7, 9, 11)
 def write_task(
     task_dir: Path, metadata: dict, labels: dict[str, dict[str, list[str]]], clips: dict[str, np.ndarray]
 ) -> Path:
-    """Write one task: metadata, label vocabulary, `{split}.json` and `16000/{split}/*.wav`."""
-    task_dir.mkdir(parents=True, exist_ok=True)
-    vocab = sorted({label for split in labels.values() for ls in split.values() for label in ls})
-    (task_dir / "task_metadata.json").write_text(json.dumps(metadata, indent=2))
-    (task_dir / "labelvocabulary.csv").write_text(
-        "idx,label\n" + "".join(f"{i},{v}\n" for i, v in enumerate(vocab))
-    )
+    """Write one task: the layout's metadata, vocabulary and `{split}.json` files, and its 16 kHz audio."""
+    write_task_files(task_dir, metadata, labels)
     for split, split_labels in labels.items():
-        (task_dir / f"{split}.json").write_text(json.dumps(split_labels, indent=1))
+        folder = audio_dir(task_dir, split, SAMPLE_RATE)
+        folder.mkdir(parents=True, exist_ok=True)
         for name in split_labels:
-            path = task_dir / str(SAMPLE_RATE) / split / name
-            path.parent.mkdir(parents=True, exist_ok=True)
-            sf.write(path, clips[f"{split}/{name}"], SAMPLE_RATE, subtype="PCM_16")
+            sf.write(folder / name, clips[f"{split}/{name}"], SAMPLE_RATE, subtype="PCM_16")
     return task_dir
 
 
@@ -46,7 +47,7 @@ def _metadata(name: str, splits: list[str], seconds: float) -> dict:
         "version": "synth-1",
         "embedding_type": "scene",
         "prediction_type": "multiclass",
-        "split_mode": "trainvaltest" if splits[0] == "train" else "new_split_kfold",
+        "split_mode": TRAINVALTEST if splits[0] == "train" else NEW_SPLIT_KFOLD,
         "nfolds": len(splits),
         "sample_duration": seconds,
         "evaluation": ["top1_acc"],
@@ -58,7 +59,7 @@ def texture_task(out_dir: Path, seed: int = 0, per_class: tuple[int, int, int] =
     """`synth-texture`: 5 classes of 2 s clips, train/valid/test."""
     rng = np.random.default_rng(seed)
     n = 2 * SAMPLE_RATE
-    splits = ["train", "valid", "test"]
+    splits = list(TRAIN_VALID_TEST)
     labels: dict[str, dict[str, list[str]]] = {s: {} for s in splits}
     clips: dict[str, np.ndarray] = {}
     for split, count in zip(splits, per_class, strict=True):
@@ -74,7 +75,7 @@ def pitch_task(out_dir: Path, seed: int = 0, per_class_per_fold: int = 4, n_fold
     """`synth-pitch`: pitch class of 1 s harmonic notes (octaves 2-4, random timbre), k folds."""
     rng = np.random.default_rng(seed + 1)
     t = np.arange(SAMPLE_RATE) / SAMPLE_RATE
-    splits = [f"fold{k:02d}" for k in range(n_folds)]
+    splits = fold_names(n_folds)
     labels: dict[str, dict[str, list[str]]] = {s: {} for s in splits}
     clips: dict[str, np.ndarray] = {}
     for split in splits:

@@ -1,14 +1,12 @@
 """Reading one downstream task's embeddings in hear-eval-kit's layout, with errors that name the file.
 
-Layout of `EMB_DIR/<module>/<task>/`: `task_metadata.json`, `labelvocabulary.csv` (columns `idx,label`)
-and per split `{split}.embeddings.npy` (a headerless float32 memmap), `{split}.embedding-dimensions.json`
-(`[n, dim]`) and `{split}.target-labels.pkl` (one list of labels per file).
+Of `EMB_DIR/<module>/<task>/` (see `msm_lightning.hear.layout`) it reads `task_metadata.json`,
+`labelvocabulary.csv` and per split `{split}.embeddings.npy` (a headerless float32 memmap),
+`{split}.embedding-dimensions.json` (`[n, dim]`) and `{split}.target-labels.pkl` (labels per row).
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,12 +15,26 @@ from typing import Any
 import numpy as np
 import torch
 
-KFOLD_MODES = ("new_split_kfold", "presplit_kfold", "folds")
+from msm_lightning.hear.layout import (
+    KFOLD_MODES,
+    TRAIN_VALID_TEST,
+    TRAINVALTEST,
+    LayoutError,
+    embedding_dimensions_path,
+    embeddings_path,
+    list_tasks,
+    metadata_path,
+    read_json,
+    read_task_metadata,
+    read_vocabulary,
+    split_names,
+    target_labels_path,
+)
+
 REQUIRED_METADATA = ("embedding_type", "prediction_type", "split_mode", "evaluation")
 
-
-class EmbeddingFormatError(ValueError):
-    """An embedding folder that does not follow hear-eval-kit's layout; the message names the file."""
+# The layout's readers raise LayoutError; the evaluation reports every one of them under this name.
+EmbeddingFormatError = LayoutError
 
 
 @dataclass
@@ -60,20 +72,20 @@ class TaskData:
         """The train/valid/test assignments to run (one for trainvaltest, k rotations for k folds)."""
         return data_splits(self.metadata["split_mode"], list(self.embeddings))
 
-    def gather(self, split_names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def gather(self, splits: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Embeddings and targets of several splits concatenated (e.g. the training folds)."""
-        x = torch.cat([self.embeddings[s] for s in split_names])
-        y = torch.cat([self.targets[s] for s in split_names])
+        x = torch.cat([self.embeddings[s] for s in splits])
+        y = torch.cat([self.targets[s] for s in splits])
         return x, y
 
 
-def data_splits(split_mode: str, split_names: list[str]) -> list[dict[str, list[str]]]:
+def data_splits(split_mode: str, splits: list[str]) -> list[dict[str, list[str]]]:
     """hear-eval-kit's rotation: fold i is test, fold i+1 (mod k) is valid, the rest is train."""
-    if split_mode == "trainvaltest":
-        return [{"train": ["train"], "valid": ["valid"], "test": ["test"]}]
+    if split_mode == TRAINVALTEST:
+        return [{split: [split] for split in TRAIN_VALID_TEST}]
     if split_mode not in KFOLD_MODES:
         raise EmbeddingFormatError(f"unknown split_mode {split_mode!r}")
-    folds = sorted(split_names)
+    folds = sorted(splits)
     if len(folds) < 3:
         raise EmbeddingFormatError(f"k-fold evaluation needs at least 3 folds, got {folds}")
     out = []
@@ -83,34 +95,10 @@ def data_splits(split_mode: str, split_names: list[str]) -> list[dict[str, list[
     return out
 
 
-def split_names(metadata: dict[str, Any], task_dir: Path) -> list[str]:
-    """Split names from the metadata's `splits`, else implied by `split_mode`/`nfolds`, else the files."""
-    if metadata.get("splits"):
-        return [str(s) for s in metadata["splits"]]
-    if metadata["split_mode"] == "trainvaltest":
-        return ["train", "valid", "test"]
-    if "nfolds" in metadata:
-        return [f"fold{i:02d}" for i in range(int(metadata["nfolds"]))]
-    found = sorted(p.name.split(".")[0] for p in task_dir.glob("fold*.embeddings.npy"))
-    if not found:
-        raise EmbeddingFormatError(f"{task_dir / 'task_metadata.json'}: no `splits`/`nfolds`, no fold files")
-    return found
-
-
-def read_json(path: Path) -> Any:
-    """JSON content, or an error naming the missing or malformed file."""
-    if not path.is_file():
-        raise EmbeddingFormatError(f"missing file {path}")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise EmbeddingFormatError(f"{path}: not valid JSON ({err})") from err
-
-
 def read_metadata(task_dir: Path) -> dict[str, Any]:
     """task_metadata.json, checked for the keys the protocol needs."""
-    path = task_dir / "task_metadata.json"
-    metadata = read_json(path)
+    path = metadata_path(task_dir)
+    metadata = read_task_metadata(task_dir)
     missing = [k for k in REQUIRED_METADATA if k not in metadata]
     if missing:
         raise EmbeddingFormatError(f"{path}: missing keys {missing}")
@@ -121,28 +109,13 @@ def read_metadata(task_dir: Path) -> dict[str, Any]:
     return metadata
 
 
-def read_vocabulary(task_dir: Path) -> list[str]:
-    """Labels ordered by their index in labelvocabulary.csv (labels compared as strings, as heareval does)."""
-    path = task_dir / "labelvocabulary.csv"
-    if not path.is_file():
-        raise EmbeddingFormatError(f"missing file {path}")
-    with path.open(newline="") as f:
-        rows = list(csv.DictReader(f))
-    if not rows or "idx" not in rows[0] or "label" not in rows[0]:
-        raise EmbeddingFormatError(f"{path}: expected a header with columns `idx` and `label`")
-    by_idx = {int(r["idx"]): str(r["label"]) for r in rows}
-    if sorted(by_idx) != list(range(len(rows))):
-        raise EmbeddingFormatError(f"{path}: indices must be 0..{len(rows) - 1} without gaps or repeats")
-    return [by_idx[i] for i in range(len(rows))]
-
-
 def read_embeddings(task_dir: Path, split: str) -> np.ndarray:
     """One split's [n, dim] float32 matrix, checked against its dimensions file and for NaN/Inf."""
-    dims_path = task_dir / f"{split}.embedding-dimensions.json"
+    dims_path = embedding_dimensions_path(task_dir, split)
     dims = read_json(dims_path)
     if not (isinstance(dims, list) and len(dims) == 2 and all(isinstance(d, int) and d >= 0 for d in dims)):
         raise EmbeddingFormatError(f"{dims_path}: expected [n, dim], got {dims!r}")
-    path = task_dir / f"{split}.embeddings.npy"
+    path = embeddings_path(task_dir, split)
     if not path.is_file():
         raise EmbeddingFormatError(f"missing file {path}")
     expected = dims[0] * dims[1] * 4
@@ -159,7 +132,7 @@ def read_embeddings(task_dir: Path, split: str) -> np.ndarray:
 
 def read_targets(task_dir: Path, split: str, n: int, vocab: dict[str, int], multiclass: bool) -> np.ndarray:
     """Multi-hot [n, n_labels] targets from the split's label lists (exactly one label each if multiclass)."""
-    path = task_dir / f"{split}.target-labels.pkl"
+    path = target_labels_path(task_dir, split)
     if not path.is_file():
         raise EmbeddingFormatError(f"missing file {path}")
     with path.open("rb") as f:
@@ -189,7 +162,7 @@ def load_task(task_dir: str | Path) -> TaskData:
         if embeddings and x.shape[1] != next(iter(embeddings.values())).shape[1]:
             first = next(iter(embeddings))
             raise EmbeddingFormatError(
-                f"{task_dir / f'{split}.embedding-dimensions.json'}: embedding size {x.shape[1]} differs "
+                f"{embedding_dimensions_path(task_dir, split)}: embedding size {x.shape[1]} differs "
                 f"from {first}'s {embeddings[first].shape[1]}"
             )
         y = read_targets(task_dir, split, len(x), vocab, metadata["prediction_type"] == "multiclass")
@@ -201,21 +174,4 @@ def load_task(task_dir: str | Path) -> TaskData:
 
 def find_tasks(module_dir: str | Path, names: list[str] | None = None) -> list[Path]:
     """Task folders under a module's embedding folder (or the folder itself if it is a task), by name."""
-    module_dir = Path(module_dir)
-    if not module_dir.is_dir():
-        raise EmbeddingFormatError(f"no such folder {module_dir}")
-    if (module_dir / "task_metadata.json").is_file():
-        found = [module_dir]
-    else:
-        found = sorted(p.parent for p in module_dir.glob("*/task_metadata.json"))
-    if names:
-        aliases = {p: {p.name, read_json(p / "task_metadata.json").get("task_name")} for p in found}
-        unknown = [n for n in names if not any(n in a for a in aliases.values())]
-        if unknown:
-            raise EmbeddingFormatError(
-                f"{module_dir}: no task named {unknown}; found {[p.name for p in found]}"
-            )
-        found = [p for p in found if aliases[p] & set(names)]
-    if not found:
-        raise EmbeddingFormatError(f"{module_dir}: no task folders (subfolders with task_metadata.json)")
-    return found
+    return list_tasks(Path(module_dir), names)

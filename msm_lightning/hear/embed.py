@@ -1,16 +1,7 @@
 """`msm embed`: HEAR embeddings of hearpreprocess task folders, written exactly as heareval's runner does.
 
-Output layout (hear-eval-kit 2021.1.x, `heareval/embeddings/{runner,task_embeddings}.py`):
-
-    EMB_DIR/<module name>[-<slugified model options>]/<task name>/
-        task_metadata.json, labelvocabulary.csv, {split}.json   copied from the task
-        {split}/{filename}.embedding.npy                          per file, float32
-        {split}/{filename}.target-labels.json                     per file (+ .timestamps.json for events)
-        {split}.embeddings.npy                                    headerless float32 np.memmap [n, dim]
-        {split}.embedding-dimensions.json                         JSON [n, dim]
-        {split}.target-labels.pkl                                 labels in the memmap's row order
-        {split}.filename-timestamps.json                          event tasks only
-        profile.embeddings.json, .done.embeddings                 timing; completion marker
+The output is heareval's embedding layout (hear-eval-kit 2021.1.x, `heareval/embeddings/{runner,
+task_embeddings}.py`), described with its file names in `msm_lightning.hear.layout`.
 
 Rows of the memmap follow heareval's order: the split's files in `{split}.json` order, shuffled by one
 `random.Random(0)` per task that is consumed split after split in `task_metadata.json` order. Files are
@@ -24,10 +15,8 @@ import argparse
 import json
 import pickle
 import random
-import re
 import shutil
 import time
-import unicodedata
 from collections.abc import Iterator
 from importlib import import_module
 from pathlib import Path
@@ -39,32 +28,31 @@ import soundfile as sf
 import torch
 from tqdm import tqdm
 
-DONE_MARKER = ".done.embeddings"
+from msm_lightning.hear.layout import (
+    EMBEDDINGS_DONE_MARKER,
+    PROFILE_FILE,
+    audio_dir,
+    embedding_dimensions_path,
+    embeddings_folder_name,
+    embeddings_path,
+    file_embedding_path,
+    file_labels_path,
+    file_output_stem,
+    file_timestamps_path,
+    filename_timestamps_path,
+    list_tasks,
+    metadata_path,
+    read_split_labels,
+    read_task_metadata,
+    split_labels_path,
+    split_names,
+    target_labels_path,
+    vocabulary_path,
+)
+
+DONE_MARKER = EMBEDDINGS_DONE_MARKER  # former name, still imported by msm_lightning.pipelines
 DEFAULT_BATCH_SECONDS = 84.0  # heareval's batch: 0.7 x 120 s of audio at 16 kHz
 SCENE, EVENT = "scene", "event"
-
-
-def slugify(text: str) -> str:
-    """python-slugify's `slugify(text)` (used by heareval for option folder names); the package if present."""
-    try:
-        from slugify import slugify as package_slugify
-    except ImportError:
-        package_slugify = None
-    if package_slugify is not None:
-        return package_slugify(text)
-    # Fallback with python-slugify's default rules for ASCII-representable text.
-    text = re.sub(r"[']+", "-", text)
-    text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii").lower()
-    text = re.sub(r"[']+", "", text)
-    text = re.sub(r"(?<=\d),(?=\d)", "", text)  # "1,000" -> "1000"
-    text = re.sub(r"[^-a-z0-9]+", "-", text)
-    return re.sub(r"-{2,}", "-", text).strip("-")
-
-
-def embeddings_folder_name(module_name: str, model_options: dict[str, Any]) -> str:
-    """heareval's folder name: the module name plus `-key=value` per model option, slugified."""
-    options = "".join(f"-{slugify(k)}={slugify(str(v))}" for k, v in model_options.items())
-    return module_name + options
 
 
 class Embedder:
@@ -124,14 +112,14 @@ def read_clip(path: Path, sample_rate: int) -> np.ndarray:
 
 
 def batches(
-    filenames: list[str], audio_dir: Path, sample_rate: int, batch_seconds: float
+    filenames: list[str], folder: Path, sample_rate: int, batch_seconds: float
 ) -> Iterator[tuple[np.ndarray, list[str]]]:
     """Consecutive clips of equal length, up to `batch_seconds` of audio (at least one clip) per batch."""
     budget = batch_seconds * sample_rate
     clips: list[np.ndarray] = []
     names: list[str] = []
     for name in filenames:
-        clip = read_clip(audio_dir / name, sample_rate)
+        clip = read_clip(folder / name, sample_rate)
         if clips and (len(clip) != len(clips[0]) or (len(clips) + 1) * len(clip) > budget):
             yield np.stack(clips), names
             clips, names = [], []
@@ -156,31 +144,32 @@ def embed_split(
     embedder: Embedder,
     metadata: dict[str, Any],
     split_data: dict[str, Any],
-    audio_dir: Path,
-    outdir: Path,
+    audio_folder: Path,
+    task_out: Path,
+    split: str,
     batch_seconds: float,
     desc: str,
 ) -> None:
-    """Per-file embeddings and labels of one split into `outdir` (heareval's first pass)."""
-    outdir.mkdir(parents=True, exist_ok=True)
+    """Per-file embeddings and labels of one split into `task_out` (heareval's first pass)."""
     filenames = list(split_data)
     with tqdm(total=len(filenames), desc=desc, unit="file") as bar:
-        for audio, names in batches(filenames, audio_dir, embedder.sample_rate, batch_seconds):
+        for audio, names in batches(filenames, audio_folder, embedder.sample_rate, batch_seconds):
             if metadata["embedding_type"] == SCENE:
                 emb = embedder.scene(audio)
                 for name, row in zip(names, emb, strict=True):
-                    out = outdir / name
+                    out = file_embedding_path(task_out, split, name)
                     out.parent.mkdir(parents=True, exist_ok=True)
-                    np.save(f"{out}.embedding.npy", row)
-                    _save_json(split_data[name], Path(f"{out}.target-labels.json"))
+                    np.save(out, row)
+                    _save_json(split_data[name], file_labels_path(task_out, split, name))
             else:
                 emb, stamps = embedder.timestamps(audio)
                 for name, rows, ts in zip(names, emb, stamps, strict=True):
-                    out = outdir / name
+                    out = file_embedding_path(task_out, split, name)
                     out.parent.mkdir(parents=True, exist_ok=True)
-                    np.save(f"{out}.embedding.npy", rows)
-                    _save_json(ts.tolist(), Path(f"{out}.timestamps.json"))
-                    _save_json(labels_at(split_data[name], ts), Path(f"{out}.target-labels.json"), indent=4)
+                    np.save(out, rows)
+                    _save_json(ts.tolist(), file_timestamps_path(task_out, split, name))
+                    labels = labels_at(split_data[name], ts)
+                    _save_json(labels, file_labels_path(task_out, split, name), indent=4)
             bar.update(len(names))
 
 
@@ -188,86 +177,70 @@ def memmap_split(
     metadata: dict[str, Any],
     split: str,
     split_data: dict[str, Any],
-    outdir: Path,
     task_out: Path,
     prng: random.Random,
 ) -> None:
     """Gather a split's per-file embeddings into the headerless float32 memmap + labels pickle."""
-    files = [outdir / f"{name}.embedding.npy" for name in split_data]
-    prng.shuffle(files)  # the same draws as heareval's memmap_embeddings, so the same row order
+    names = list(split_data)
+    prng.shuffle(names)  # the same draws as heareval's memmap_embeddings, so the same row order
     event = metadata["embedding_type"] == EVENT
-    shapes = [np.load(f, mmap_mode="r").shape for f in files]
+    shapes = [np.load(file_embedding_path(task_out, split, n), mmap_mode="r").shape for n in names]
     n_rows = sum(s[0] if event else 1 for s in shapes)
     dim = shapes[0][-1] if shapes else 0
     if n_rows == 0:
         raise ValueError(f"split {split!r} of task {task_out.name} has no embeddings to write")
-    (task_out / f"{split}.embedding-dimensions.json").write_text(json.dumps((n_rows, dim)))
-    memmap = np.memmap(task_out / f"{split}.embeddings.npy", dtype=np.float32, mode="w+", shape=(n_rows, dim))
+    embedding_dimensions_path(task_out, split).write_text(json.dumps((n_rows, dim)))
+    path = embeddings_path(task_out, split)
+    memmap = np.memmap(path, dtype=np.float32, mode="w+", shape=(n_rows, dim))
     labels: list[Any] = []
     filename_timestamps: list[tuple[str, float]] = []
     row = 0
-    for path in files:
-        emb = np.load(path)
-        label = json.loads(Path(str(path).replace("embedding.npy", "target-labels.json")).read_text())
+    for name in names:
+        emb_path = file_embedding_path(task_out, split, name)
+        emb = np.load(emb_path)
+        label = json.loads(file_labels_path(task_out, split, name).read_text())
         if not event:
             if metadata["prediction_type"] == "multiclass" and len(label) != 1:
-                raise ValueError(f"multiclass task file '{path}' must have exactly one label, has {label}")
+                raise ValueError(
+                    f"multiclass task file '{emb_path}' must have exactly one label, has {label}"
+                )
             memmap[row] = emb
             labels.append(label)
             row += 1
         else:
-            stamps = json.loads(Path(str(path).replace("embedding.npy", "timestamps.json")).read_text())
+            stamps = json.loads(file_timestamps_path(task_out, split, name).read_text())
             memmap[row : row + emb.shape[0]] = emb
             labels += label
-            slug = str(path).replace(".embedding.npy", "")
+            slug = str(file_output_stem(task_out, split, name))
             filename_timestamps += [(slug, t) for t in stamps]
             row += emb.shape[0]
     memmap.flush()
     del memmap
-    with (task_out / f"{split}.target-labels.pkl").open("wb") as f:
+    with target_labels_path(task_out, split).open("wb") as f:
         pickle.dump(labels, f)
     if event:
-        (task_out / f"{split}.filename-timestamps.json").write_text(json.dumps(filename_timestamps, indent=4))
+        filename_timestamps_path(task_out, split).write_text(json.dumps(filename_timestamps, indent=4))
 
 
 def embed_task(embedder: Embedder, task_path: Path, task_out: Path, batch_seconds: float) -> None:
     """Embeddings of every split of one task into `task_out` (which is created afresh)."""
-    metadata = json.loads((task_path / "task_metadata.json").read_text())
+    metadata = read_task_metadata(task_path)
     kind = metadata.get("embedding_type")
     if kind not in (SCENE, EVENT):
         raise ValueError(f"task '{task_path}' has unknown embedding_type {kind!r} (expected scene or event)")
     task_out.mkdir(parents=True, exist_ok=True)
-    shutil.copy(task_path / "task_metadata.json", task_out)
-    shutil.copy(task_path / "labelvocabulary.csv", task_out)
+    shutil.copy(metadata_path(task_path), task_out)
+    shutil.copy(vocabulary_path(task_path), task_out)
     prng = random.Random(0)  # one generator per task, consumed split after split, as in heareval
-    for split in metadata["splits"]:
-        split_path = task_path / f"{split}.json"
-        if not split_path.is_file():
-            raise ValueError(f"task '{task_path}' lists split {split!r} but has no {split_path.name}")
-        shutil.copy(split_path, task_out)
-        audio_dir = task_path / str(embedder.sample_rate) / split
-        if not audio_dir.is_dir():
-            raise ValueError(f"task '{task_path}' has no audio folder '{audio_dir}' for split {split!r}")
-        split_data = json.loads(split_path.read_text())
-        outdir = task_out / split
+    for split in split_names(metadata, task_path):
+        split_data = read_split_labels(task_path, split)
+        shutil.copy(split_labels_path(task_path, split), task_out)
+        audio_folder = audio_dir(task_path, split, embedder.sample_rate)
+        if not audio_folder.is_dir():
+            raise ValueError(f"task '{task_path}' has no audio folder '{audio_folder}' for split {split!r}")
         desc = f"{task_path.name}/{split}"
-        embed_split(embedder, metadata, split_data, audio_dir, outdir, batch_seconds, desc)
-        memmap_split(metadata, split, split_data, outdir, task_out, prng)
-
-
-def list_tasks(tasks_dir: Path, task: str = "all") -> list[Path]:
-    """Task folders (those with a task_metadata.json) under `tasks_dir`, sorted, or just the named one."""
-    if not tasks_dir.is_dir():
-        raise ValueError(f"tasks folder '{tasks_dir}' does not exist or is not a folder")
-    if task != "all":
-        path = tasks_dir / task
-        if not (path / "task_metadata.json").is_file():
-            raise ValueError(f"'{path}' is not a task folder (no task_metadata.json)")
-        return [path]
-    tasks = sorted(p for p in tasks_dir.iterdir() if (p / "task_metadata.json").is_file())
-    if not tasks:
-        raise ValueError(f"no task folders (with task_metadata.json) under '{tasks_dir}'")
-    return tasks
+        embed_split(embedder, metadata, split_data, audio_folder, task_out, split, batch_seconds, desc)
+        memmap_split(metadata, split, split_data, task_out, prng)
 
 
 def embed_tasks(
@@ -284,9 +257,9 @@ def embed_tasks(
     model_options = dict(model_options or {})
     if batch_seconds <= 0:
         raise ValueError(f"batch_seconds must be positive, got {batch_seconds}")
-    tasks = list_tasks(Path(tasks_dir), task)
+    tasks = list_tasks(Path(tasks_dir), None if task == "all" else [task])
     out_root = Path(out_dir) / embeddings_folder_name(module_name, model_options)
-    todo = [t for t in tasks if not (out_root / t.name / DONE_MARKER).exists()]
+    todo = [t for t in tasks if not (out_root / t.name / EMBEDDINGS_DONE_MARKER).exists()]
     for t in tasks:
         if t not in todo:
             print(f"skipping {t.name}: embeddings already in {out_root / t.name}")
@@ -305,8 +278,8 @@ def embed_tasks(
                 "gpu_max_mem": _gpu_max_mem(),
                 "gpu_device_name": _device_name(),
             }
-            (task_out / "profile.embeddings.json").write_text(json.dumps(profile, indent=4))
-            (task_out / DONE_MARKER).touch()
+            (task_out / PROFILE_FILE).write_text(json.dumps(profile, indent=4))
+            (task_out / EMBEDDINGS_DONE_MARKER).touch()
             print(f"computed embeddings of {task_path.name} in {elapsed:.1f} s -> {task_out}")
     return [out_root / t.name for t in tasks]
 
@@ -333,7 +306,9 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--model", default=None, help="model file for load_model (bundle or checkpoint)")
     parser.add_argument("--tasks", required=True, help="folder of task folders (hearpreprocess output)")
     parser.add_argument("--out", required=True, help="embeddings folder (heareval's --embeddings-dir)")
-    parser.add_argument("--task", default="all", help="embed only this task folder name (default: all)")
+    parser.add_argument(
+        "--task", default="all", help="embed only this task (folder name or task_name; default: all)"
+    )
     parser.add_argument("--model-options", default="{}", help="JSON dict of keyword arguments for load_model")
     parser.add_argument(
         "--batch-seconds",

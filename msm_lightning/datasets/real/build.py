@@ -15,8 +15,8 @@ from msm_lightning.datasets.real import DATA_VERSION
 from msm_lightning.datasets.real.context import Context
 from msm_lightning.datasets.real.corpus import CORPUS_PACKAGES, corpus_plan, plan_fingerprint, write_corpus
 from msm_lightning.datasets.real.hearformat import (
+    BUILD_DONE_MARKER,
     CHECKSUMS,
-    MARKER,
     validate_task,
     verify_checksums,
     write_task,
@@ -25,6 +25,7 @@ from msm_lightning.datasets.real.packages import PackageCache
 from msm_lightning.datasets.real.records import TaskPlan
 from msm_lightning.datasets.real.splits import label_counts, split_sizes
 from msm_lightning.datasets.real.tasks import TASKS, plan_all, used_by_tasks
+from msm_lightning.hear.layout import is_task
 
 STEPS = ("corpus", "tasks", *TASKS)
 
@@ -46,7 +47,7 @@ def resolve_only(only: Sequence[str] | None) -> tuple[bool, list[str]]:
 
 def is_done(folder: Path, fingerprint: str) -> bool:
     """Whether a step's output exists, was finished, and came from the same version and plan."""
-    marker = folder / MARKER
+    marker = folder / BUILD_DONE_MARKER
     if not marker.is_file() or not (folder / CHECKSUMS).is_file():
         return False
     data = json.loads(marker.read_text())
@@ -56,7 +57,7 @@ def is_done(folder: Path, fingerprint: str) -> bool:
 def mark_done(folder: Path, fingerprint: str, seed: int) -> None:
     """Record that a step finished (written last, so an interrupted step is redone)."""
     data = {"version": DATA_VERSION, "fingerprint": fingerprint, "seed": seed}
-    (folder / MARKER).write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    (folder / BUILD_DONE_MARKER).write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
 
 
 def task_summary(plan: TaskPlan) -> dict[str, Any]:
@@ -202,13 +203,13 @@ def verify(out_dir: str | Path) -> list[str]:
     """Checksum and layout problems of every built output under `out_dir` (empty when all is intact)."""
     out = Path(out_dir)
     problems: list[str] = []
-    folders = sorted(p.parent for p in out.glob("*/*/" + MARKER)) + sorted(
-        p.parent for p in out.glob("*/" + MARKER)
+    folders = sorted(p.parent for p in out.glob("*/*/" + BUILD_DONE_MARKER)) + sorted(
+        p.parent for p in out.glob("*/" + BUILD_DONE_MARKER)
     )
     if not folders:
-        return [f"{out}: no finished outputs (no {MARKER} found)"]
+        return [f"{out}: no finished outputs (no {BUILD_DONE_MARKER} found)"]
     for folder in folders:
         problems += verify_checksums(folder)
-        if (folder / "task_metadata.json").is_file():
+        if is_task(folder):
             problems += validate_task(folder)
     return problems

@@ -17,7 +17,7 @@ from tqdm import tqdm
 from msm_lightning.datasets.real import DATA_VERSION
 from msm_lightning.datasets.real.context import Context
 from msm_lightning.datasets.real.dsp import SAMPLE_RATE, db_to_amplitude, rms, write_wav
-from msm_lightning.datasets.real.hearformat import MARKER, write_checksums
+from msm_lightning.datasets.real.hearformat import BUILD_DONE_MARKER, write_checksums
 from msm_lightning.datasets.real.packages import PACKAGES
 from msm_lightning.datasets.real.records import AudioSource
 from msm_lightning.datasets.real.splits import seeded_order, unique_content
@@ -106,7 +106,14 @@ def write_corpus(
     planned = {f.source.key for f in plan}
     if not done or set(done) - planned:
         # No journal of an unfinished run of this plan: start clean so no stale chunk survives.
-        for stale in ("audio", "manifest.txt", "sources.csv", "summary.json", "summary.md", MARKER):
+        for stale in (
+            "audio",
+            "manifest.txt",
+            "sources.csv",
+            "summary.json",
+            "summary.md",
+            BUILD_DONE_MARKER,
+        ):
             target = out_dir / stale
             shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
         journal_path.unlink(missing_ok=True)
@@ -178,7 +185,7 @@ def finish_corpus(
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     (out_dir / "summary.md").write_text(summary_markdown(summary))
-    write_checksums(out_dir, skip=("checksums.sha256", MARKER, JOURNAL))
+    write_checksums(out_dir, skip=("checksums.sha256", BUILD_DONE_MARKER, JOURNAL))
     return summary
 
 

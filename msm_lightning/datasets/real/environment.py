@@ -19,7 +19,8 @@ from msm_lightning.datasets.real.context import Context, TaskBuilder
 from msm_lightning.datasets.real.dsp import SAMPLE_RATE, active_bounds, fix_length, limit_peak
 from msm_lightning.datasets.real.hearformat import task_metadata
 from msm_lightning.datasets.real.records import AudioSource, ClipPlan, TaskPlan
-from msm_lightning.datasets.real.splits import balanced_folds, cap_per_key, fold_names, unique_content
+from msm_lightning.datasets.real.splits import balanced_folds, cap_per_key, unique_content
+from msm_lightning.hear.layout import NEW_SPLIT_KFOLD, fold_names
 
 ENV_PACKAGES = ("megaglest-data", "qabcs-data", "scratch", "tuxpaint-stamps-default")
 ENV_SECONDS = 3.0
@@ -177,7 +178,7 @@ def plan_environment(ctx: Context) -> TaskPlan:
         "environment_sound",
         DATA_VERSION,
         prediction_type="multiclass",
-        split_mode="new_split_kfold",
+        split_mode=NEW_SPLIT_KFOLD,
         nfolds=ENV_FOLDS,
         sample_duration=ENV_SECONDS,
         evaluation=["top1_acc"],

@@ -1,22 +1,13 @@
-"""hearpreprocess's task layout: task_metadata.json, labelvocabulary.csv, {split}.json, 16000/{split}/*.wav.
+"""Writing and checking `msm data`'s task folders in hearpreprocess's layout (`msm_lightning.hear.layout`).
 
-Layout (as hearpreprocess writes it and heareval / `msm embed` read it):
-
-    TASK/task_metadata.json    task_name, version, embedding_type, prediction_type, split_mode,
-                               [nfolds], sample_duration, evaluation (primary metric first), splits
-    TASK/labelvocabulary.csv   header `idx,label`, labels sorted, indices 0..n-1
-    TASK/{split}.json          {"<name>.wav": [label, ...]} for every clip of the split
-    TASK/16000/{split}/<name>.wav   16 kHz mono, every clip exactly sample_duration long
-
-plus our own provenance.csv (clip -> groups and source files) and checksums.sha256.
+Besides the layout's files, a task folder holds provenance.csv (clip -> groups and source files),
+sources.json (the packages used) and checksums.sha256; it is built in `<dir>.partial` and renamed when
+complete, and `BUILD_DONE_MARKER` is written last by the build step.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
-import json
 import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -28,10 +19,39 @@ from tqdm import tqdm
 
 from msm_lightning.datasets.real.dsp import SAMPLE_RATE, write_wav
 from msm_lightning.datasets.real.records import ClipPlan, TaskPlan
-from msm_lightning.datasets.real.splits import SPLITS, check_disjoint, fold_names
+from msm_lightning.datasets.real.splits import check_disjoint
+from msm_lightning.hear.layout import (
+    NEW_SPLIT_KFOLD,
+    PROVENANCE_FILE,
+    SOURCES_FILE,
+    TRAIN_VALID_TEST,
+    TRAINVALTEST,
+    VOCABULARY_FILE,
+    LayoutError,
+    audio_dir,
+    fold_names,
+    metadata_path,
+    read_split_labels,
+    read_task_metadata,
+    read_vocabulary,
+    split_labels_path,
+    write_csv,
+    write_json,
+    write_task_files,
+)
 
 CHECKSUMS = "checksums.sha256"
-MARKER = ".msm-build.json"
+BUILD_DONE_MARKER = ".msm-build.json"  # a finished build step, with its data version and plan fingerprint
+REQUIRED_METADATA_KEYS = (  # what every built task's task_metadata.json holds
+    "task_name",
+    "version",
+    "embedding_type",
+    "prediction_type",
+    "split_mode",
+    "sample_duration",
+    "evaluation",
+    "splits",
+)
 
 
 def task_metadata(
@@ -58,9 +78,9 @@ def task_metadata(
         "evaluation": list(evaluation),
         "mode": "full",
     }
-    if split_mode == "trainvaltest":
-        meta["splits"] = list(SPLITS)
-    elif split_mode == "new_split_kfold":
+    if split_mode == TRAINVALTEST:
+        meta["splits"] = list(TRAIN_VALID_TEST)
+    elif split_mode == NEW_SPLIT_KFOLD:
         if not nfolds or nfolds < 3:
             raise ValueError(f"{task_name}: new_split_kfold needs nfolds >= 3, got {nfolds}")
         meta["nfolds"] = int(nfolds)
@@ -71,23 +91,7 @@ def task_metadata(
     return meta
 
 
-def sorted_labels(labels: set[str]) -> list[str]:
-    """Vocabulary order: numeric labels by value (pitch, counts), others alphabetically, as pandas sorts."""
-    if labels and all(lab.lstrip("-").isdigit() for lab in labels):
-        return sorted(labels, key=int)
-    return sorted(labels)
-
-
-def _json_bytes(obj: Any) -> bytes:
-    return (json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False) + "\n").encode()
-
-
-def _write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-
-
-def write_checksums(folder: Path, skip: Sequence[str] = (CHECKSUMS, MARKER)) -> str:
+def write_checksums(folder: Path, skip: Sequence[str] = (CHECKSUMS, BUILD_DONE_MARKER)) -> str:
     """Write `sha256  relpath` for every file under `folder`; returns the digest of that listing."""
     lines = []
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
@@ -116,7 +120,7 @@ def verify_checksums(folder: Path) -> list[str]:
             problems.append(f"{path}: content changed")
     for path in folder.rglob("*"):
         rel = path.relative_to(folder).as_posix()
-        if path.is_file() and rel not in listed and rel not in (CHECKSUMS, MARKER):
+        if path.is_file() and rel not in listed and rel not in (CHECKSUMS, BUILD_DONE_MARKER):
             problems.append(f"{path}: not in {CHECKSUMS}")
     return problems
 
@@ -140,7 +144,7 @@ def write_task(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     for split in splits:
-        (tmp / str(SAMPLE_RATE) / split).mkdir(parents=True, exist_ok=True)
+        audio_dir(tmp, split, SAMPLE_RATE).mkdir(parents=True, exist_ok=True)
     bar = tqdm(plan.clips, desc=plan.name, unit="clip", disable=not progress, leave=False)
     for clip in bar:
         audio = np.asarray(render(clip), dtype=np.float32)
@@ -148,27 +152,20 @@ def write_task(
             raise ValueError(
                 f"{plan.name}/{clip.name}: rendered shape {audio.shape}, expected ({n_samples},)"
             )
-        write_wav(tmp / str(SAMPLE_RATE) / clip.split / clip.name, audio)
-    for split in splits:
-        entries = {
-            c.name: list(c.labels) for c in sorted(plan.clips, key=lambda c: c.name) if c.split == split
-        }
-        _write_bytes(tmp / f"{split}.json", _json_bytes(entries))
-    vocab = sorted_labels({lab for c in plan.clips for lab in c.labels})
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["idx", "label"])
-    writer.writerows(enumerate(vocab))
-    _write_bytes(tmp / "labelvocabulary.csv", buf.getvalue().encode())
-    _write_bytes(tmp / "task_metadata.json", _json_bytes(meta))
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["filename", "split", "labels", "groups", "sources"])
-    for c in sorted(plan.clips, key=lambda c: (c.split, c.name)):
-        writer.writerow([c.name, c.split, "|".join(c.labels), "|".join(c.groups), "|".join(c.sources)])
-    _write_bytes(tmp / "provenance.csv", buf.getvalue().encode())
+        write_wav(audio_dir(tmp, clip.split, SAMPLE_RATE) / clip.name, audio)
+    by_name = sorted(plan.clips, key=lambda c: c.name)
+    labels = {split: {c.name: c.labels for c in by_name if c.split == split} for split in splits}
+    write_task_files(tmp, meta, labels)
+    write_csv(
+        tmp / PROVENANCE_FILE,
+        ["filename", "split", "labels", "groups", "sources"],
+        (
+            [c.name, c.split, "|".join(c.labels), "|".join(c.groups), "|".join(c.sources)]
+            for c in sorted(plan.clips, key=lambda c: (c.split, c.name))
+        ),
+    )
     if provenance is not None:
-        _write_bytes(tmp / "sources.json", _json_bytes(provenance))
+        write_json(tmp / SOURCES_FILE, provenance, sort_keys=True)
     write_checksums(tmp)
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
@@ -177,52 +174,40 @@ def write_task(
 
 def validate_task(task_dir: Path) -> list[str]:
     """Problems with a task folder's layout (empty list when it is what heareval expects)."""
-    problems: list[str] = []
-    meta_path = task_dir / "task_metadata.json"
-    if not meta_path.is_file():
-        return [f"{meta_path}: missing"]
-    meta = json.loads(meta_path.read_text())
-    for key in (
-        "task_name",
-        "version",
-        "embedding_type",
-        "prediction_type",
-        "split_mode",
-        "sample_duration",
-        "evaluation",
-        "splits",
-    ):
-        if key not in meta:
-            problems.append(f"{meta_path}: missing key {key!r}")
+    meta_path = metadata_path(task_dir)
+    try:
+        meta = read_task_metadata(task_dir)
+    except LayoutError as err:
+        return [str(err)]
+    problems = [f"{meta_path}: missing key {key!r}" for key in REQUIRED_METADATA_KEYS if key not in meta]
     if problems:
         return problems
-    if meta["split_mode"] == "new_split_kfold" and meta["splits"] != fold_names(int(meta.get("nfolds", 0))):
+    if meta["split_mode"] == NEW_SPLIT_KFOLD and meta["splits"] != fold_names(int(meta.get("nfolds", 0))):
         problems.append(f"{meta_path}: splits {meta['splits']} do not match nfolds {meta.get('nfolds')}")
-    with (task_dir / "labelvocabulary.csv").open(newline="") as f:
-        rows = list(csv.DictReader(f))
-    vocab = [r["label"] for r in rows]
-    if [int(r["idx"]) for r in rows] != list(range(len(rows))):
-        problems.append(f"{task_dir / 'labelvocabulary.csv'}: idx must be 0..n-1")
+    try:
+        vocab = read_vocabulary(task_dir)
+    except LayoutError as err:
+        problems.append(str(err))
+        vocab = []
     n_samples = round(float(meta["sample_duration"]) * SAMPLE_RATE)
     for split in meta["splits"]:
-        split_json = task_dir / f"{split}.json"
-        if not split_json.is_file():
-            problems.append(f"{split_json}: missing")
+        split_json = split_labels_path(task_dir, split)
+        try:
+            entries = read_split_labels(task_dir, split)
+        except LayoutError as err:
+            problems.append(str(err))
             continue
-        entries = json.loads(split_json.read_text())
-        audio_dir = task_dir / str(SAMPLE_RATE) / split
-        on_disk = {p.name for p in audio_dir.glob("*.wav")} if audio_dir.is_dir() else set()
+        audio = audio_dir(task_dir, split, SAMPLE_RATE)
+        on_disk = {p.name for p in audio.glob("*.wav")} if audio.is_dir() else set()
         if set(entries) != on_disk:
-            problems.append(f"{audio_dir}: files differ from {split_json.name}")
+            problems.append(f"{audio}: files differ from {split_json.name}")
         for name, labels in entries.items():
             if meta["prediction_type"] == "multiclass" and len(labels) != 1:
                 problems.append(f"{split_json}: {name} has {len(labels)} labels in a multiclass task")
             if any(lab not in vocab for lab in labels):
-                problems.append(f"{split_json}: {name} has a label outside labelvocabulary.csv")
+                problems.append(f"{split_json}: {name} has a label outside {VOCABULARY_FILE}")
         for name in sorted(on_disk):
-            info = sf.info(str(audio_dir / name))
+            info = sf.info(str(audio / name))
             if info.samplerate != SAMPLE_RATE or info.channels != 1 or info.frames != n_samples:
-                problems.append(
-                    f"{audio_dir / name}: {info.samplerate} Hz, {info.channels} ch, {info.frames}"
-                )
+                problems.append(f"{audio / name}: {info.samplerate} Hz, {info.channels} ch, {info.frames}")
     return problems

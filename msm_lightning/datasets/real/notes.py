@@ -13,6 +13,7 @@ from msm_lightning.datasets.real.dsp import limit_peak, rms
 from msm_lightning.datasets.real.hearformat import task_metadata
 from msm_lightning.datasets.real.records import ClipPlan, TaskPlan
 from msm_lightning.datasets.real.render import Note, RenderError, render_notes
+from msm_lightning.hear.layout import TRAINVALTEST
 
 # A soundfont is one "recording session": all its notes share samples, so it must not straddle splits.
 SOUNDFONT_SPLITS: dict[str, str] = {
@@ -67,7 +68,7 @@ def pitch_metadata() -> dict:
         "note_pitch",
         DATA_VERSION,
         prediction_type="multiclass",
-        split_mode="trainvaltest",
+        split_mode=TRAINVALTEST,
         sample_duration=CLIP_SECONDS,
         evaluation=["pitch_acc", "chroma_acc"],
         extra={"description": "MIDI pitch 36..96 of single rendered notes; split by soundfont"},
@@ -99,7 +100,7 @@ def plan_instrument(ctx: Context) -> TaskPlan:
         "note_instrument",
         DATA_VERSION,
         prediction_type="multiclass",
-        split_mode="trainvaltest",
+        split_mode=TRAINVALTEST,
         sample_duration=CLIP_SECONDS,
         evaluation=["top1_acc"],
         extra={"description": "instrument family of single rendered notes; split by soundfont"},

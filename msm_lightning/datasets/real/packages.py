@@ -16,7 +16,7 @@ import soundfile as sf
 
 from msm_lightning.datasets.real.records import AudioSource
 
-# Every package the build may use, with what it contributes (see /work/shared/OFFLINE_AUDIO.md).
+# Every package the build may use, with what it contributes.
 PACKAGES: dict[str, str] = {
     "fillets-ng-data": "English dialogue, effects, music",
     "fillets-ng-data-cs": "Czech dialogue (two main actors)",

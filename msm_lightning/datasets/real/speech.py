@@ -25,14 +25,13 @@ from msm_lightning.datasets.real.hearformat import task_metadata
 from msm_lightning.datasets.real.records import AudioSource, ClipPlan, TaskPlan
 from msm_lightning.datasets.real.speakers import hedgewars_voice, utterance
 from msm_lightning.datasets.real.splits import (
-    SPLITS,
     balanced_folds,
     cap_per_key,
-    fold_names,
     linked_groups,
     partition_groups,
     unique_content,
 )
+from msm_lightning.hear.layout import NEW_SPLIT_KFOLD, TRAIN_VALID_TEST, TRAINVALTEST, fold_names
 
 KEYWORD_SECONDS = 2.0
 KEYWORD_FOLDS = 5
@@ -129,7 +128,7 @@ def plan_keyword(ctx: Context) -> TaskPlan:
         "hedgewars_keyword",
         DATA_VERSION,
         prediction_type="multiclass",
-        split_mode="new_split_kfold",
+        split_mode=NEW_SPLIT_KFOLD,
         nfolds=KEYWORD_FOLDS,
         sample_duration=KEYWORD_SECONDS,
         evaluation=["top1_acc"],
@@ -189,7 +188,7 @@ def plan_language(ctx: Context) -> TaskPlan:
         "spoken_language",
         DATA_VERSION,
         prediction_type="multiclass",
-        split_mode="new_split_kfold",
+        split_mode=NEW_SPLIT_KFOLD,
         nfolds=LANGUAGE_FOLDS,
         sample_duration=LANGUAGE_SECONDS,
         evaluation=["top1_acc"],
@@ -233,7 +232,7 @@ def count_clips(pool: dict[str, list[AudioSource]], seed: int) -> list[ClipPlan]
         )
     split_of = partition_groups(pool, counts, seed, "count-speakers")
     clips = []
-    for split in SPLITS:
+    for split in TRAIN_VALID_TEST:
         speakers = sorted(s for s, sp in split_of.items() if sp == split)
         for k in range(COUNT_MAX + 1):
             for i in range(COUNT_PER_CLASS[split]):
@@ -271,7 +270,7 @@ def plan_count(ctx: Context) -> TaskPlan:
         "speaker_count",
         DATA_VERSION,
         prediction_type="multiclass",
-        split_mode="trainvaltest",
+        split_mode=TRAINVALTEST,
         sample_duration=COUNT_SECONDS,
         evaluation=["top1_acc"],
         extra={"description": "number of simultaneous distinct speakers (0..4); splits by speaker"},

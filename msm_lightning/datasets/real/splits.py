@@ -9,16 +9,9 @@ from collections.abc import Hashable, Iterable, Mapping, Sequence
 
 from msm_lightning.datasets.real.records import AudioSource, ClipPlan
 
-SPLITS = ("train", "valid", "test")
-
 
 class SplitLeakError(ValueError):
     """A group (speaker, voice pack, soundfont, source) has clips in more than one split."""
-
-
-def fold_names(n_folds: int) -> list[str]:
-    """hearpreprocess's fold split names: fold00, fold01, ..."""
-    return [f"fold{i:02d}" for i in range(n_folds)]
 
 
 def seeded_order(items: Iterable[Hashable], seed: int, salt: str) -> list:
