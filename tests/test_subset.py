@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from msm_lightning.datasets.subset import MARKER, stratified_pick, subset_task, subset_tasks
+from msm_lightning.datasets.subset import SUBSET_DONE_MARKER, stratified_pick, subset_task, subset_tasks
 from msm_lightning.datasets.synth_tasks import make_tasks
 
 
@@ -94,7 +94,7 @@ def test_subset_links_only_source_audio(tasks_dir, tmp_path):
             assert (src / rel).resolve() in src_files
     # Nothing but metadata besides the linked audio.
     others = {p.name for p in task.iterdir() if p.is_file()}
-    assert others == {"task_metadata.json", "labelvocabulary.csv", MARKER} | {
+    assert others == {"task_metadata.json", "labelvocabulary.csv", SUBSET_DONE_MARKER} | {
         f"{s}.json" for s in _splits(src)
     }
 

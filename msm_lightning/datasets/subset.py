@@ -45,7 +45,6 @@ from msm_lightning.hear.layout import (
 )
 
 SUBSET_DONE_MARKER = ".msm-subset.json"  # a finished subset, holding the parameters it was made with
-MARKER = SUBSET_DONE_MARKER  # former name, still imported by tests/test_subset.py
 SUBSET_FORMAT = "msm-subset/2"
 
 

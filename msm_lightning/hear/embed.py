@@ -50,7 +50,6 @@ from msm_lightning.hear.layout import (
     vocabulary_path,
 )
 
-DONE_MARKER = EMBEDDINGS_DONE_MARKER  # former name, still imported by msm_lightning.pipelines
 DEFAULT_BATCH_SECONDS = 84.0  # heareval's batch: 0.7 x 120 s of audio at 16 kHz
 SCENE, EVENT = "scene", "event"
 

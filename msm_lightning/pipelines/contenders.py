@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from msm_lightning.hear.layout import embeddings_folder_name
 from msm_lightning.model.families import FAMILIES
 
 # Peer models of the benchmark: the package each needs (the `peers` extra) -> its HEAR module.
@@ -23,7 +24,6 @@ class Contender:
 
     def folder(self, emb_root: Path) -> Path:
         """Where `msm embed --out emb_root/<name>` puts the task folders (heareval's folder naming)."""
-        from msm_lightning.hear.embed import embeddings_folder_name
 
         return emb_root / self.name / embeddings_folder_name(self.module, dict(self.options))
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
-import json
 from pathlib import Path
 
+from msm_lightning.hear.layout import LayoutError, list_tasks
 from msm_lightning.pipelines.contenders import PEERS
 
 DEFAULT_DATA = "data/real"
@@ -37,10 +37,7 @@ def check_peers(command: str) -> None:
 
 def task_names(tasks_dir: Path) -> list[str]:
     """Names of the scene-task folders under `tasks_dir` (what embed and evaluate will see)."""
-    names = []
-    for meta in sorted(tasks_dir.glob("*/task_metadata.json")):
-        if json.loads(meta.read_text()).get("embedding_type") == "scene":
-            names.append(meta.parent.name)
-    if not names:
-        raise SystemExit(f"no scene task folders (with task_metadata.json) under '{tasks_dir}'")
-    return names
+    try:
+        return [task.name for task in list_tasks(tasks_dir, embedding_type="scene")]
+    except LayoutError as err:
+        raise SystemExit(str(err)) from err

@@ -20,6 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from msm_lightning.hear.layout import (
+    EMBEDDINGS_DONE_MARKER,
+    PROFILE_FILE,
+    is_task,
+    metadata_path,
+    read_task_metadata,
+)
 from msm_lightning.pipelines.contenders import Contender
 from msm_lightning.pipelines.inputs import task_names
 from msm_lightning.pipelines.runs import Pipeline, now
@@ -41,7 +48,7 @@ def subset_stage(p: Pipeline, *, tasks: Path, out: Path, max_per_split: int, see
     from msm_lightning.datasets.subset import is_current, subset_tasks
 
     stage = f"subset {max_per_split} per split"
-    sources = [m.parent for m in sorted(tasks.glob("*/task_metadata.json"))]
+    sources = sorted(t for t in tasks.iterdir() if is_task(t)) if tasks.is_dir() else []
     if sources and all(is_current(t, out / t.name, max_per_split, seed) for t in sources):
         p.log.skipped(stage, f"{out} holds it")
         return out
@@ -51,11 +58,7 @@ def subset_stage(p: Pipeline, *, tasks: Path, out: Path, max_per_split: int, see
         written = subset_tasks(tasks, out, max_per_split, seed)
     except ValueError as err:
         raise p.fail(str(err)) from err
-    clips = sum(
-        c["kept"]
-        for t in written
-        for c in json.loads((t / "task_metadata.json").read_text())["subset"]["splits"].values()
-    )
+    clips = sum(c["kept"] for t in written for c in read_task_metadata(t)["subset"]["splits"].values())
     p.log.ran(stage, time.time() - start, clips=clips)
     return out
 
@@ -197,21 +200,20 @@ def _newest(path: Path) -> float:
 
 def embed_stage(p: Pipeline, contender: Contender, *, tasks: Path, emb_root: Path) -> Path:
     """`msm embed` of every task, skipped when each is done with the current model file."""
-    from msm_lightning.hear.embed import DONE_MARKER
 
     stage = f"embed {contender.name}"
     folder = contender.folder(emb_root)
     names = task_names(tasks)
     model_time = _newest(contender.model) if contender.model is not None else 0.0
     for name in names:
-        marker = folder / name / DONE_MARKER
+        marker = folder / name / EMBEDDINGS_DONE_MARKER
         # Embeddings older than the model file or the task (a rebuilt subset) are stale: remove them so
         # that msm embed redoes the task.
-        newest = max(model_time, _newest(tasks / name / "task_metadata.json"))
+        newest = max(model_time, _newest(metadata_path(tasks / name)))
         if marker.is_file() and marker.stat().st_mtime < newest:
             print(f"==> {stage}: {name} is older than its model or task; embedding it again", flush=True)
             shutil.rmtree(folder / name)
-    if all((folder / n / DONE_MARKER).is_file() for n in names):
+    if all((folder / n / EMBEDDINGS_DONE_MARKER).is_file() for n in names):
         p.log.skipped(stage, f"every task is in {folder}")
         return folder
     args: list[str | Path] = [
@@ -229,7 +231,7 @@ def embed_stage(p: Pipeline, contender: Contender, *, tasks: Path, emb_root: Pat
     seconds = p.tool(stage, "embed", args)
     per_task = {}
     for name in names:
-        profile = folder / name / "profile.embeddings.json"
+        profile = folder / name / PROFILE_FILE
         if profile.is_file():
             per_task[name] = round(json.loads(profile.read_text())["time_elapsed"], 1)
     p.log.ran(stage, seconds, task_seconds=per_task)
@@ -255,7 +257,6 @@ def finished_tasks(result: Path, folder: Path, names: list[str], settings: EvalS
     """Tasks whose result entry used these seeds and this grid and is newer than the task's embeddings."""
     from msm_lightning.evaluation.protocol import GRIDS, RESULT_FORMAT, task_grid
     from msm_lightning.evaluation.taskdata import read_metadata
-    from msm_lightning.hear.embed import DONE_MARKER
 
     if not result.is_file():
         return set()
@@ -265,7 +266,7 @@ def finished_tasks(result: Path, folder: Path, names: list[str], settings: EvalS
     done = set()
     for name in names:
         entry = data.get("tasks", {}).get(name)
-        marker = folder / name / DONE_MARKER
+        marker = folder / name / EMBEDDINGS_DONE_MARKER
         if entry is None or not marker.is_file() or marker.stat().st_mtime > result.stat().st_mtime:
             continue
         grid = task_grid(GRIDS[settings.grid], read_metadata(folder / name), settings.max_epochs)
