@@ -1,13 +1,20 @@
-"""Bundles and checkpoints: the model's config travels in the checkpoint, old checkpoints still load."""
+"""`msm export` bundles: pickle-free, round trip, safe checkpoint loading, the model config in checkpoints."""
 
 from __future__ import annotations
 
+import json
+import struct
 from pathlib import Path
 
+import pytest
 import torch
 
-from msm_lightning.model.bundle import MODEL_CONFIG_KEY, load_model_file
+from msm_lightning.cli import main as msm
+from msm_lightning.hear import encoder as hear
+from msm_lightning.model.bundle import MODEL_CONFIG_KEY, ModelFileError, export_checkpoint, load_model_file
 from msm_lightning.training.module import MSMPretraining
+
+SR = 16000
 
 
 def save_checkpoint(module: MSMPretraining, path: Path, legacy: bool = False) -> Path:
@@ -42,3 +49,120 @@ def test_the_model_crops_two_seconds_to_whole_patches():
     assert model.spectrogram(torch.randn(2, 32000)).shape == (2, 1, 200, 80)  # 201 STFT frames -> 200
     short = model.spectrogram(torch.randn(1, 16000))  # 101 frames -> 25 whole patches of 4 frames
     assert short.shape == (1, 1, 100, 80) and model.n_patches_of(short) == 125
+
+
+def assert_pure_safetensors(path: Path) -> dict:
+    """The file is one JSON header plus tensor bytes that the header accounts for entirely: no pickle."""
+    data = path.read_bytes()
+    (header_len,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + header_len])
+    ends = sorted(v["data_offsets"][1] for k, v in header.items() if k != "__metadata__")
+    assert ends[-1] == len(data) - 8 - header_len  # nothing after the tensors
+    assert all(v["dtype"] == "F32" for k, v in header.items() if k != "__metadata__")
+    return header
+
+
+def test_real_lightning_checkpoints_load_with_weights_only(checkpoint):
+    raw = torch.load(checkpoint, weights_only=False)
+    hp = raw["datamodule_hyper_parameters"]
+    assert any(isinstance(v, Path) for v in hp.values())  # the case plain weights_only=True refuses
+    model, config = load_model_file(checkpoint)
+    assert (config["family"], config["size"], config["global_step"]) == ("transformer", "tiny", 1)
+    state = model.state_dict()
+    for key, value in raw["state_dict"].items():
+        assert torch.equal(state[key.removeprefix("model.")], value), key
+
+
+def test_export_writes_a_pickle_free_bundle_that_round_trips(checkpoint, bundle, tmp_path):
+    assert sorted(p.name for p in bundle.iterdir()) == ["config.json", "model.safetensors"]
+    config = json.loads((bundle / "config.json").read_text())
+    assert config["family"] == "transformer" and config["paper_name"] == "SSAST" and config["size"] == "tiny"
+    assert config["patch_size"] == [4, 16] and config["crop_frames"] == 200
+    assert config["encoder_kwargs"] == {"num_heads": 3, "mlp_ratio": 4.0}
+    assert config["frontend"]["hop_length"] == 160 and config["frontend"]["n_mels"] == 80
+    assert (config["source_checkpoint"], config["global_step"]) == ("step1.ckpt", 1)
+    assert "msm_lightning_version" in config
+    header = assert_pure_safetensors(bundle / "model.safetensors")
+    assert not any(k.startswith("model.") for k in header)
+
+    single = export_checkpoint(bundle, tmp_path / "ssast.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ssast.safetensors"]
+    meta = assert_pure_safetensors(single)["__metadata__"]
+    assert json.loads(meta["msm_lightning_config"])["source_checkpoint"] == "step1.ckpt"
+
+    reference, _ = load_model_file(checkpoint)
+    for path in (bundle, single):
+        model, _ = load_model_file(path)
+        for (name, p), q in zip(model.state_dict().items(), reference.state_dict().values(), strict=True):
+            assert torch.equal(p, q), (path, name)
+
+
+def test_same_embeddings_through_bundle_file_and_checkpoint(checkpoint, bundle, tmp_path):
+    single = export_checkpoint(checkpoint, tmp_path / "one.safetensors")
+    audio = torch.randn(2, round(2.5 * SR)) * 0.1
+    results = [
+        hear.get_timestamp_embeddings(audio, hear.load_model(str(p)))[0] for p in (checkpoint, bundle, single)
+    ]
+    for other in results[1:]:
+        assert torch.allclose(results[0], other, atol=1e-6)
+    trained = hear.load_model(str(bundle))
+    assert not torch.allclose(
+        results[0], hear.HearModel(hear.random_model("transformer")).timestamp_embeddings(audio)[0]
+    )
+    assert trained.config["global_step"] == 1
+
+
+def test_msm_export_cli(checkpoint, tmp_path, capsys):
+    msm(["export", str(checkpoint), str(tmp_path / "b")])
+    assert "SSAST-tiny" in capsys.readouterr().out and (tmp_path / "b" / "model.safetensors").is_file()
+    with pytest.raises(SystemExit, match="does not exist"):
+        msm(["export", str(tmp_path / "nope.ckpt"), str(tmp_path / "c")])
+
+
+def test_wrong_family_is_a_clear_error(bundle):
+    with pytest.raises(
+        ValueError, match=r"holds a SSAST \(transformer\) model.*loads SSAM.*hear_modules.ssast"
+    ):
+        hear.load_model(str(bundle), family="mamba")
+
+
+class Opaque:
+    """A pickled class: weights-only loading must refuse it."""
+
+
+def test_bad_model_files_are_clear_errors(bundle, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"missing\.ckpt"):
+        load_model_file(tmp_path / "missing.ckpt")
+    junk = tmp_path / "junk.ckpt"
+    junk.write_bytes(b"not a model at all, just some bytes")
+    with pytest.raises(ModelFileError, match=r"junk\.ckpt.*neither a Lightning checkpoint"):
+        load_model_file(junk)
+    unsafe = tmp_path / "unsafe.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"family": "transformer"}, "x": Opaque()}, unsafe)
+    with pytest.raises(
+        ModelFileError,
+        match=r"unsafe\.ckpt.*pickles test_bundle\.Opaque.*msm export --trust-checkpoint",
+    ):
+        load_model_file(unsafe)
+    with pytest.raises(ModelFileError, match=r"unsafe\.ckpt.*hyper_parameters"):  # opt-in: unpickled
+        load_model_file(unsafe, trust_checkpoint=True)
+    plain = tmp_path / "plain.ckpt"
+    torch.save({"state_dict": {"model.w": torch.zeros(1)}}, plain)
+    with pytest.raises(ModelFileError, match=r"plain\.ckpt.*hyper_parameters"):
+        load_model_file(plain)
+    no_meta = tmp_path / "weights.safetensors"
+    no_meta.write_bytes((bundle / "model.safetensors").read_bytes())
+    with pytest.raises(ModelFileError, match=r"weights\.safetensors.*without an msm-lightning config"):
+        load_model_file(no_meta)
+
+    mismatch = tmp_path / "mismatch"
+    mismatch.mkdir()
+    (mismatch / "model.safetensors").write_bytes((bundle / "model.safetensors").read_bytes())
+    config = json.loads((bundle / "config.json").read_text())
+    config["model"]["d_model"] = 384
+    (mismatch / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelFileError, match=r"mismatch.*weights do not match"):
+        load_model_file(mismatch)
+    (mismatch / "config.json").unlink()
+    with pytest.raises(ModelFileError, match=r"lacks 'config\.json'"):
+        load_model_file(mismatch)

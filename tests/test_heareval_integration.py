@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_export_embed import make_task
 
 from msm_lightning.hear.embed import embed_tasks
 from msm_lightning.model.bundle import export_checkpoint
@@ -37,7 +36,7 @@ pytestmark = [
 
 
 @pytest.fixture(scope="module")
-def tasks(tmp_path_factory) -> Path:
+def tasks(tmp_path_factory, make_task) -> Path:
     # heareval stacks a batch's clips, so (like hearpreprocess output) all clips of a task have one length.
     root = tmp_path_factory.mktemp("tasks")
     make_task(root, "tiny-scene", ["train", "valid", "test"], seconds=(0.5,))

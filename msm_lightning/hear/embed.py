@@ -12,6 +12,7 @@ share a batch, so no clip is ever padded and batching cannot change an embedding
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import pickle
 import random
@@ -49,6 +50,7 @@ from msm_lightning.hear.layout import (
     target_labels_path,
     vocabulary_path,
 )
+from msm_lightning.safe_io import LockedError, atomic_write_json, file_lock, staged_folder
 
 DEFAULT_BATCH_SECONDS = 84.0  # heareval's batch: 0.7 x 120 s of audio at 16 kHz
 SCENE, EVENT = "scene", "event"
@@ -107,7 +109,10 @@ def read_clip(path: Path, sample_rate: int) -> np.ndarray:
         raise ValueError(f"cannot read task audio '{path}': {err}") from err
     if rate != sample_rate:
         raise ValueError(f"task audio '{path}' is at {rate} Hz, the model needs {sample_rate} Hz")
-    return data[:, 0] if data.shape[1] == 1 else data.mean(axis=1, dtype=np.float32)
+    clip = data[:, 0] if data.shape[1] == 1 else data.mean(axis=1, dtype=np.float32)
+    if not np.isfinite(clip).all():
+        raise ValueError(f"task audio '{path}' holds NaN or infinite samples")
+    return clip
 
 
 def batches(
@@ -139,6 +144,14 @@ def _save_json(obj: Any, path: Path, indent: int | None = None) -> None:
         json.dump(obj, f, indent=indent)
 
 
+def check_finite(emb: np.ndarray, names: list[str], folder: Path) -> None:
+    """A ValueError naming the clips whose embeddings hold NaN or infinity (never written, never trusted)."""
+    bad = [name for name, rows in zip(names, emb, strict=True) if not np.isfinite(rows).all()]
+    if bad:
+        paths = [str(folder / n) for n in bad]
+        raise ValueError(f"the model returned NaN or infinite embeddings for {paths}")
+
+
 def embed_split(
     embedder: Embedder,
     metadata: dict[str, Any],
@@ -155,6 +168,7 @@ def embed_split(
         for audio, names in batches(filenames, audio_folder, embedder.sample_rate, batch_seconds):
             if metadata["embedding_type"] == SCENE:
                 emb = embedder.scene(audio)
+                check_finite(emb, names, audio_folder)
                 for name, row in zip(names, emb, strict=True):
                     out = file_embedding_path(task_out, split, name)
                     out.parent.mkdir(parents=True, exist_ok=True)
@@ -162,6 +176,7 @@ def embed_split(
                     _save_json(split_data[name], file_labels_path(task_out, split, name))
             else:
                 emb, stamps = embedder.timestamps(audio)
+                check_finite(emb, names, audio_folder)
                 for name, rows, ts in zip(names, emb, stamps, strict=True):
                     out = file_embedding_path(task_out, split, name)
                     out.parent.mkdir(parents=True, exist_ok=True)
@@ -242,6 +257,42 @@ def embed_task(embedder: Embedder, task_path: Path, task_out: Path, batch_second
         memmap_split(metadata, split, split_data, task_out, prng)
 
 
+def model_fingerprint(model_path: str | None) -> str | None:
+    """sha256 of a model file (a bundle folder: of its files in name order), None for no file."""
+    if model_path is None:
+        return None
+    path = Path(model_path)
+    files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.relative_to(path).as_posix().encode() if path.is_dir() else b"")
+        with f.open("rb") as stream:
+            for block in iter(lambda: stream.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def provenance(module_name: str, model_path: str | None, model_options: dict[str, Any]) -> dict[str, Any]:
+    """What made a task's embeddings: written into its done marker and compared on every rerun."""
+    return {
+        "module": module_name,
+        "model_file": None if model_path is None else str(Path(model_path).resolve()),
+        "model_sha256": model_fingerprint(model_path),
+        "model_options": model_options,
+    }
+
+
+def _finished_by(marker: Path) -> dict[str, Any] | None:
+    """The provenance in a done marker; None when there is no marker or it records none (older runs)."""
+    if not marker.is_file():
+        return None
+    try:
+        recorded = json.loads(marker.read_text() or "null")
+    except json.JSONDecodeError:
+        return None
+    return recorded if isinstance(recorded, dict) else None
+
+
 def embed_tasks(
     module_name: str,
     tasks_dir: str | Path,
@@ -252,34 +303,49 @@ def embed_tasks(
     task: str = "all",
     device: str = "auto",
 ) -> list[Path]:
-    """Embed every task (skipping finished ones) with a HEAR module; returns the task output folders."""
+    """Embed every task (skipping ones finished by the same module, model and options); returns the folders.
+
+    Each task is written into a staged folder renamed into place when complete, under a lock, and its done
+    marker records the module, the model file's hash and the options, so two runs into one folder never mix
+    splits of two models, and a rerun with another model redoes the task instead of trusting it.
+    """
     model_options = dict(model_options or {})
     if batch_seconds <= 0:
         raise ValueError(f"batch_seconds must be positive, got {batch_seconds}")
     tasks = list_tasks(Path(tasks_dir), None if task == "all" else [task])
     out_root = Path(out_dir) / embeddings_folder_name(module_name, model_options)
-    todo = [t for t in tasks if not (out_root / t.name / EMBEDDINGS_DONE_MARKER).exists()]
+    made_by = provenance(module_name, model_path, model_options)
+    todo = []
     for t in tasks:
-        if t not in todo:
+        recorded = _finished_by(out_root / t.name / EMBEDDINGS_DONE_MARKER)
+        if recorded == made_by:
             print(f"skipping {t.name}: embeddings already in {out_root / t.name}")
-    if todo:
-        embedder = Embedder(module_name, model_path, model_options, device)
-        out_root = Path(out_dir) / embeddings_folder_name(embedder.name, model_options)
-        for task_path in todo:
-            task_out = out_root / task_path.name
-            if task_out.exists():  # an unfinished earlier run: start the task again, as heareval does
-                shutil.rmtree(task_out)
-            start = time.time()
-            embed_task(embedder, task_path, task_out, batch_seconds)
-            elapsed = time.time() - start
-            profile = {
-                "time_elapsed": elapsed,
-                "gpu_max_mem": _gpu_max_mem(),
-                "gpu_device_name": _device_name(),
-            }
-            (task_out / PROFILE_FILE).write_text(json.dumps(profile, indent=4))
-            (task_out / EMBEDDINGS_DONE_MARKER).touch()
-            print(f"computed embeddings of {task_path.name} in {elapsed:.1f} s -> {task_out}")
+            continue
+        if (out_root / t.name).exists():
+            reason = "an unfinished run" if recorded is None else f"other inputs ({recorded})"
+            print(f"redoing {t.name}: {out_root / t.name} holds embeddings from {reason}")
+        todo.append(t)
+    if not todo:
+        return [out_root / t.name for t in tasks]
+    embedder = Embedder(module_name, model_path, model_options, device)
+    for task_path in todo:
+        task_out = out_root / task_path.name
+        try:
+            with file_lock(out_root / f".{task_path.name}.lock", f"the embeddings of '{task_out}'"):
+                start = time.time()
+                with staged_folder(task_out) as stage:
+                    embed_task(embedder, task_path, stage, batch_seconds)
+                    elapsed = time.time() - start
+                    profile = {
+                        "time_elapsed": elapsed,
+                        "gpu_max_mem": _gpu_max_mem(),
+                        "gpu_device_name": _device_name(),
+                    }
+                    atomic_write_json(stage / PROFILE_FILE, profile, indent=4)
+                    atomic_write_json(stage / EMBEDDINGS_DONE_MARKER, made_by)
+        except LockedError as err:
+            raise ValueError(str(err)) from None
+        print(f"computed embeddings of {task_path.name} in {elapsed:.1f} s -> {task_out}")
     return [out_root / t.name for t in tasks]
 
 

@@ -35,7 +35,7 @@ import json
 import re
 import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 METADATA_FILE = "task_metadata.json"
@@ -206,7 +206,19 @@ def read_split_labels(task_dir: Path, split: str) -> dict[str, Any]:
     labels = read_json(path)
     if not isinstance(labels, dict):
         raise LayoutError(f"{path}: expected a JSON object of clip name -> labels")
+    for name in labels:
+        check_clip_name(path, name)
     return labels
+
+
+def check_clip_name(labels_file: Path, name: str) -> None:
+    """Refuse a clip name that would read or write outside its split folder (absolute, `..`, empty)."""
+    parts = PurePosixPath(name.replace("\\", "/")).parts
+    if not name or name.startswith(("/", "\\")) or ".." in parts or (len(name) > 1 and name[1] == ":"):
+        raise LayoutError(
+            f"{labels_file}: clip name {name!r} is not a plain file name inside the split folder "
+            "(absolute paths and '..' are refused)"
+        )
 
 
 def split_names(metadata: Mapping[str, Any], task_dir: Path) -> list[str]:

@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from msm_lightning.safe_io import LockedError, atomic_write_json, file_lock
 
 Runner = Callable[[list[str]], int]
 
@@ -62,19 +63,27 @@ class StageLog:
     def save(self) -> None:
         """Write the record (after every stage, so an interrupted run keeps what it measured)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(json.dumps(self.data, indent=1) + "\n")
+        atomic_write_json(self.path, self.data)
 
-    def ran(self, stage: str, seconds: float, replace: bool = False, **info: Any) -> None:
+    def ran(
+        self,
+        stage: str,
+        seconds: float,
+        replace: bool = False,
+        attempt: dict[str, Any] | None = None,
+        **info: Any,
+    ) -> None:
         """A stage finished this run: add its wall time (or replace it) and its details.
 
         Resumed stages (pretraining, evaluation of the remaining tasks) add up over reruns; a stage that
-        redoes everything each time (score) replaces its time.
+        redoes everything each time (score) replaces its time. `attempt` is kept with this attempt only
+        (e.g. the steps a pretraining round went from and to), `info` with the stage.
         """
         entry = self.data["stages"].setdefault(stage, {"seconds": 0.0, "attempts": []})
         if replace:
             entry.update({"seconds": 0.0, "attempts": []})
         entry["seconds"] = round(entry["seconds"] + seconds, 1)
-        entry["attempts"].append({"seconds": round(seconds, 1), "finished": now()})
+        entry["attempts"].append({"seconds": round(seconds, 1), "finished": now(), **(attempt or {})})
         entry.update(info)
         self.this_run[stage] = "ran"
         self.save()
@@ -133,52 +142,20 @@ class Pipeline:
         return seconds
 
 
-def _lock_owner(lock: Path) -> int | None:
-    """The process id written in a lock file, None if it cannot be read."""
-    try:
-        return int(lock.read_text().strip())
-    except (OSError, ValueError):
-        return None
-
-
-def _running(pid: int) -> bool:
-    """Whether a process with this id exists."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
 @contextmanager
 def run_lock(root: Path, command: str) -> Iterator[None]:
     """Hold `<root>/.lock` for the run, so two pipelines never work in one run folder at once.
 
-    Two runs in one folder embed the same task at the same time (msm embed restarts an unfinished task by
-    deleting it) and read embeddings the other is still writing. A lock left by a process that no longer
-    runs is taken over.
+    Two runs in one folder embed the same task at the same time and read embeddings the other is still
+    writing. A lock left by a process that no longer runs is taken over.
     """
-    root.mkdir(parents=True, exist_ok=True)
-    lock = root / ".lock"
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            break
-        except FileExistsError:
-            owner = _lock_owner(lock)
-            if owner is not None and owner != os.getpid() and _running(owner):
-                raise SystemExit(
-                    f"msm {command}: another pipeline (process {owner}) is working in '{root}'; wait for it "
-                    f"to end, or use another --out (if no such run is going on, delete '{lock}')"
-                ) from None
-            lock.unlink(missing_ok=True)
-    else:
-        raise SystemExit(f"msm {command}: cannot create the lock file '{lock}'")
-    with os.fdopen(fd, "w") as f:
-        f.write(f"{os.getpid()}\n")
+    stack = ExitStack()
     try:
+        stack.enter_context(file_lock(root / ".lock", f"the run folder '{root}'"))
+    except LockedError as err:
+        raise SystemExit(
+            f"msm {command}: another pipeline (process {err.owner}) is working in '{root}'; wait for it to "
+            f"end, or use another --out (if no such run is going on, delete '{root / '.lock'}')"
+        ) from None
+    with stack:
         yield
-    finally:
-        lock.unlink(missing_ok=True)
