@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 MSM := $(VENV)/bin/msm
 
 # `msm data build` needs fluidsynth (apt) to render notes; installed here when running as root.
-.PHONY: data install test test-slow test-heareval demo demo-synth benchmark hear-example bench lint format clean
+.PHONY: data install test test-slow test-heareval test-hear demo demo-synth benchmark hear-example bench lint format clean
 
 install: $(STAMP)
 
@@ -64,6 +64,18 @@ benchmark: $(PEERS_STAMP)
 	test -d data/real/tasks || $(MAKE) data
 	$(MSM) benchmark $(BENCHMARK_ARGS)
 
+# The official HEAR 2021 validator (hearvalidator, which imports TensorFlow) on every HEAR module, with
+# random weights and with exported bundles: installed without its pins into the heareval venv above, which
+# already holds TensorFlow. The peers need the `peers` extra; CREPE at full capacity takes minutes.
+HEARVALIDATOR_STAMP := $(HEAREVAL_VENV)/.installed-hearvalidator
+
+$(HEARVALIDATOR_STAMP): $(HEAREVAL_STAMP) $(PEERS_STAMP)
+	$(HEAREVAL_VENV)/bin/python -m pip install --no-deps hearvalidator==2021.0.2
+	touch $@
+
+test-hear: $(HEARVALIDATOR_STAMP)
+	MSM_REQUIRE_HEARVALIDATOR=1 $(HEAREVAL_VENV)/bin/python -m pytest -q -s -m slow tests/test_hear_validator.py
+
 data: $(STAMP)
 	@if ! command -v fluidsynth >/dev/null; then \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq fluidsynth; \
@@ -71,7 +83,8 @@ data: $(STAMP)
 	$(MSM) data check
 	$(MSM) data build --cache data/real-cache --out data/real
 
-# From the demo checkpoint to an s(m) table on the two synthetic HEAR tasks (README, "Evaluate on HEAR").
+# From the demo checkpoint to an s(m) table on the synthetic HEAR tasks, two scene tasks and one event task
+# (README, "Evaluate on HEAR").
 HEAR_DIR := runs/hear-example
 hear-example: $(STAMP)
 	test -f runs/demo/checkpoints/last.ckpt || $(MAKE) demo-synth

@@ -11,6 +11,7 @@ import torch
 
 from hear_modules import logmel
 from msm_lightning.hear import encoder as hear
+from msm_lightning.hear.grid import grid_timestamps, pool_frames
 
 SR = 16000
 LENGTHS = [1, 100, 200, 201, 640, 8000, 16001, 33333]
@@ -22,9 +23,9 @@ def sine(freq: float, n: int, amp: float = 0.3) -> torch.Tensor:
 
 
 def expected_timestamps(n: int) -> torch.Tensor:
-    """40 t + 15 ms per 4-frame step of the 10 ms frames, clipped to the duration (msm_lightning.hear.encoder)."""
-    steps = math.ceil((1 + n // 160) / 4)
-    return torch.tensor([min(40.0 * t + 15.0, 1000 * n / SR) for t in range(steps)])
+    """40 t + 15 ms per 4-frame step of the 10 ms frames, those within the clip (else its centre)."""
+    duration = 1000 * n / SR
+    return torch.tensor([40.0 * t + 15.0 for t in range(n) if 40.0 * t + 15.0 <= duration] or [duration / 2])
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +46,10 @@ def test_logmel_hear_attributes(baseline):
 
 
 @pytest.mark.parametrize("n", LENGTHS)
-def test_timestamp_grid_is_the_one_of_our_models(our_model, n):
-    assert torch.equal(logmel.grid_timestamps(n), our_model.timestamps(n))
-    assert torch.allclose(logmel.grid_timestamps(n), expected_timestamps(n))
+def test_timestamp_grid_is_the_one_of_our_models(baseline, our_model, n):
+    assert torch.equal(baseline.timestamps(n), our_model.timestamps(n))
+    assert torch.equal(grid_timestamps(n), our_model.timestamps(n))
+    assert torch.allclose(grid_timestamps(n), expected_timestamps(n))
 
 
 @pytest.mark.parametrize("n", LENGTHS)
@@ -65,13 +67,14 @@ def test_logmel_shapes_and_timestamps(baseline, n, n_sounds):
 
 def test_logmel_values_are_pooled_spec_log_mel(baseline):
     audio = torch.randn(2, 16001) * 0.1
-    spec = baseline.frontend.log_mel(audio)  # unnormalised SPEC log-mel: 101 frames
+    spec = baseline.frontend.log_mel(audio)  # unnormalised log-mel (docs/METHOD.md §1): 101 frames
     assert spec.shape == (2, 101, 80)
     emb, _ = logmel.get_timestamp_embeddings(audio, baseline)
+    assert emb.shape[1] == 25  # frame 100 makes a 26th step, centred at 1015 ms: after the clip's end
     assert torch.allclose(emb[:, 0], spec[:, 0:4].mean(dim=1), atol=1e-5)
     assert torch.allclose(emb[:, 24], spec[:, 96:100].mean(dim=1), atol=1e-5)
-    assert torch.allclose(emb[:, 25], spec[:, 100], atol=1e-5)  # the last step holds one real frame only
-    scene = logmel.get_scene_embeddings(audio, baseline)
+    assert torch.allclose(pool_frames(spec)[:, 25], spec[:, 100])  # a last group averages its real frames
+    scene = logmel.get_scene_embeddings(audio, baseline)  # over every frame, frame 100 included
     assert torch.allclose(scene[:, :80], spec.mean(dim=1), atol=1e-5)
     assert torch.allclose(scene[:, 80:], spec.std(dim=1, correction=0), atol=1e-5)
 

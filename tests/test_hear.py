@@ -1,8 +1,9 @@
-"""The HEAR API (msm_lightning.hear.encoder, hear_modules.*): shapes, timestamps, true time order, input checks."""
+"""The HEAR API (msm_lightning.hear, hear_modules.*): shapes, timestamps, true time order, input checks."""
 
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
 
 import pytest
@@ -63,18 +64,19 @@ def test_shapes_dtypes_and_timestamps(ssast, seconds, n_sounds):
     n = round(seconds * SR)
     audio = torch.randn(n_sounds, n) * 0.1
     emb, ts = hear.get_timestamp_embeddings(audio, ssast)
-    n_frames = 1 + n // 160  # centred STFT frames at a 10 ms hop
-    n_steps = math.ceil(n_frames / 4)
+    duration_ms = 1000 * n / SR
+    # The centre of each 4-frame patch step (frames at 10 i ms) that lies within the clip, else the
+    # clip's centre when it is shorter than the first one.
+    expected = torch.tensor(
+        [40.0 * t + 15.0 for t in range(n) if 40.0 * t + 15.0 <= duration_ms] or [duration_ms / 2]
+    )
+    n_steps = len(expected)
     assert emb.shape == (n_sounds, n_steps, 960) and ts.shape == (n_sounds, n_steps)
     assert emb.dtype == ts.dtype == torch.float32 and torch.isfinite(emb).all()
-    duration_ms = 1000 * n / SR
-    expected = torch.tensor([min(40.0 * t + 15.0, duration_ms) for t in range(n_steps)])
     assert torch.allclose(ts, expected.expand_as(ts))
-    assert ts.max() <= duration_ms + 1e-3  # never beyond the audio
-    hops = ts[0].diff()
-    if len(hops):
-        assert torch.allclose(hops[:-1], torch.tensor(40.0))  # regular 40 ms hop ...
-        assert 25.0 - 1e-3 <= hops[-1] <= 40.0 + 1e-3  # ... up to the last one, clipped to the duration
+    assert ts.max() <= duration_ms  # never beyond the audio ...
+    assert ts.max() > duration_ms - 40.0  # ... and the last one less than a hop before its end
+    assert torch.equal(ts[0].diff(), torch.full((n_steps - 1,), 40.0))  # a regular 40 ms hop throughout
     scene = hear.get_scene_embeddings(audio, ssast)
     assert scene.shape == (n_sounds, 960) and torch.allclose(scene, emb.mean(dim=1), atol=1e-6)
 
@@ -99,7 +101,8 @@ def test_a_minute_of_audio_is_encoded_a_bounded_number_of_chunks_at_a_time(ssast
 
     monkeypatch.setattr(ssast.model, "forward_features", counting)
     emb, ts = hear.get_timestamp_embeddings(torch.randn(1, 60 * SR) * 0.1, model)
-    assert emb.shape == (1, 1501, 960) and ts[0, -1] == 60000.0  # 6001 frames -> 31 chunks
+    # 6001 frames -> 31 chunks encoded; 1500 steps centred within the minute, the last at 59.975 s.
+    assert emb.shape == (1, 1500, 960) and ts[0, -1] == 59975.0
     assert calls == [8, 8, 8, 7]
 
 
@@ -159,7 +162,7 @@ def test_float64_is_converted_and_outputs_stay_on_the_input_device(ssast):
 
 def test_zero_sounds_give_empty_outputs(ssast):
     emb, ts = hear.get_timestamp_embeddings(torch.zeros(0, SR), ssast)
-    assert emb.shape == (0, 26, 960) and ts.shape == (0, 26)
+    assert emb.shape == (0, 25, 960) and ts.shape == (0, 25)
     assert hear.get_scene_embeddings(torch.zeros(0, SR), ssast).shape == (0, 960)
 
 
@@ -185,8 +188,36 @@ def test_bad_inputs_are_value_errors(ssast, audio, message):
 
 
 def test_model_must_come_from_load_model():
-    with pytest.raises(ValueError, match="from load_model"):
+    with pytest.raises(ValueError, match=r"from msm_lightning\.hear\.encoder\.load_model \(a HearModel\)"):
         hear.get_scene_embeddings(torch.zeros(1, 1600), torch.nn.Linear(1, 1))
+    from hear_modules import logmel, ssam
+
+    with pytest.raises(
+        ValueError, match=r"from hear_modules\.ssam\.load_model \(a HearModel\), got LogMelBaseline"
+    ):
+        ssam.get_timestamp_embeddings(torch.zeros(1, 1600), logmel.load_model())
+
+
+def test_module_functions_are_the_modules_own():
+    from hear_modules import ssam
+
+    for function in (ssam.load_model, ssam.get_scene_embeddings, ssam.get_timestamp_embeddings):
+        assert function.__module__ == "hear_modules.ssam" and function.__doc__
+    assert list(inspect.signature(ssam.load_model).parameters) == ["model_file_path", "size", "chunk_batch"]
+    assert "SSAM" in ssam.load_model.__doc__
+    with pytest.raises(TypeError):
+        ssam.load_model(family="transformer")  # the module's family is fixed
+
+
+def test_dropped_steps_are_past_the_end_and_scene_is_the_mean_of_the_kept_ones(ssast):
+    """2 s: 201 frames make 51 patch steps; the 51st (centre 2015 ms) is after the end and is dropped."""
+    audio = torch.randn(2, 2 * SR) * 0.1
+    with torch.no_grad():
+        steps = ssast.embed_timestamps(audio)
+    emb, ts = hear.get_timestamp_embeddings(audio, ssast)
+    assert steps.shape[1] == 51 and emb.shape[1] == 50 and ts[0, -1] == 1975.0
+    assert torch.equal(emb, steps[:, :50])
+    assert torch.allclose(hear.get_scene_embeddings(audio, ssast), emb.mean(dim=1), atol=1e-6)
 
 
 def test_unknown_family_is_a_value_error():

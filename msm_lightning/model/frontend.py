@@ -1,8 +1,9 @@
-"""Waveform to normalised log-mel spectrogram (SPEC section 1), batched, on any device."""
+"""Waveform to normalised log-mel spectrogram (docs/METHOD.md §1), batched, on any device."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import torchaudio
 from torch import nn
 
@@ -55,6 +56,16 @@ class LogMelFrontend(nn.Module):
         with torch.autocast(device_type=audio.device.type, enabled=False):
             power = self.melspec(audio.float())  # [batch, n_mels, time]
             return torch.log(power + self.eps).transpose(1, 2)  # [batch, time, n_mels]
+
+    def log_mel_any_length(self, audio: torch.Tensor) -> torch.Tensor:
+        """Unnormalised log-mel [batch, 1 + samples // hop, n_mels] of clips of any length (even 1 sample)."""
+        n_samples = audio.shape[1]
+        # The centred STFT reflect-pads n_fft // 2 samples, which needs a longer input; very short clips
+        # are zero-padded for the transform only, and just their own frames are kept.
+        min_samples = self.melspec.n_fft // 2 + 1
+        if n_samples < min_samples:
+            audio = F.pad(audio, (0, min_samples - n_samples))
+        return self.log_mel(audio)[:, : 1 + n_samples // self.hop_length]
 
     @staticmethod
     def normalise(spec: torch.Tensor) -> torch.Tensor:
