@@ -11,6 +11,7 @@ TOOLS: dict[str, str] = {
     "synth": "msm_lightning.datasets.cli:synth_main",
     "data": "msm_lightning.datasets.real:main",
     "export": "msm_lightning.model.bundle:main",
+    "convert": "msm_lightning.model.convert:main",
     "embed": "msm_lightning.hear.embed:main",
     "evaluate": "msm_lightning.evaluation.protocol:main",
     "score": "msm_lightning.evaluation.score:main",

@@ -103,6 +103,7 @@ def _legacy_model_config(path: Path, hparams: Any) -> dict[str, Any]:
     config["patch_size"] = [int(x) for x in hparams.get("patch_size", (4, 16))]
     config["crop_frames"] = int(hparams.get("crop_frames", 200))
     config["frontend_kwargs"] = LogMelFrontend().config()
+    config["pos_embed_layout"] = "time_freq"  # the only layout models trained here have
     return config
 
 
@@ -278,7 +279,13 @@ def export_checkpoint(ckpt_path: str | Path, out_path: str | Path, trust_checkpo
     config = dict(config)
     if config.get("source_checkpoint") is None:
         config["source_checkpoint"] = ckpt_path.name
-    config["msm_lightning_version"] = __version__
+    return write_bundle(model, config, out_path)
+
+
+def write_bundle(model: MaskedSpectrogramModel, config: dict[str, Any], out_path: str | Path) -> Path:
+    """Write `model` with its bundle `config` (see `make_config`): a folder, or one .safetensors file."""
+    out_path = Path(out_path)
+    config = {**config, "msm_lightning_version": __version__}
     tensors = _portable_weights(model)
     metadata = {"format": "pt"}
     if out_path.suffix == ".safetensors":

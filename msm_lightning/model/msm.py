@@ -27,6 +27,7 @@ class MaskedSpectrogramModel(nn.Module):
         crop_frames: int = 200,
         encoder_kwargs: dict[str, Any] | None = None,
         frontend_kwargs: dict[str, Any] | None = None,
+        pos_embed_layout: str = "time_freq",
     ) -> None:
         super().__init__()
         self.family = family
@@ -35,6 +36,8 @@ class MaskedSpectrogramModel(nn.Module):
         self.patch_size = (int(patch_size[0]), int(patch_size[1]))
         self.crop_frames = crop_frames
         self.encoder_kwargs = dict(encoder_kwargs or {})
+        # Which half of the position channels encodes time; "freq_time" only for the authors' weights.
+        self.pos_embed_layout = pos_embed_layout
         self.frontend = LogMelFrontend(**(frontend_kwargs or {}))
         self.grid = check_divisible((crop_frames, self.frontend.n_mels), self.patch_size)
         self.n_patches = self.grid[0] * self.grid[1]
@@ -42,7 +45,8 @@ class MaskedSpectrogramModel(nn.Module):
         self.patch_embed = PatchEmbed(self.patch_size, d_model)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d_model))
         self.mask_token = nn.Parameter(torch.zeros(1, 1, d_model))
-        self.register_buffer("pos_embed", sincos_2d(self.grid, d_model), persistent=False)  # [n_patches, d]
+        pos_embed = sincos_2d(self.grid, d_model, pos_embed_layout)  # [n_patches, d]
+        self.register_buffer("pos_embed", pos_embed, persistent=False)
         self.encoder = build_encoder(
             family, d_model=d_model, depth=depth, max_tokens=self.n_patches + 1, **self.encoder_kwargs
         )
@@ -74,6 +78,7 @@ class MaskedSpectrogramModel(nn.Module):
             "crop_frames": self.crop_frames,
             "encoder_kwargs": self.encoder_kwargs,
             "frontend_kwargs": self.frontend.config(),
+            "pos_embed_layout": self.pos_embed_layout,
         }
 
     def spectrogram(self, audio: torch.Tensor) -> torch.Tensor:
@@ -94,7 +99,7 @@ class MaskedSpectrogramModel(nn.Module):
         """Positional embedding [gt * gf, d_model] of a patch grid (cached for the training grid)."""
         if grid == self.grid:
             return self.pos_embed
-        return sincos_2d(grid, self.d_model).to(self.pos_embed.device)
+        return sincos_2d(grid, self.d_model, self.pos_embed_layout).to(self.pos_embed.device)
 
     def embed(self, spec: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """[batch, 1, time, freq] -> input tokens [batch, 1 + n_patches, d_model] (cls token first)."""

@@ -38,14 +38,25 @@ def sincos_1d(positions: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([angles.sin(), angles.cos()], dim=1).float()
 
 
-def sincos_2d(grid: tuple[int, int], dim: int) -> torch.Tensor:
-    """Fixed 2-D positions [gt * gf, dim] in time-major order: half the channels time, half frequency."""
+POS_EMBED_LAYOUTS = ("time_freq", "freq_time")
+
+
+def sincos_2d(grid: tuple[int, int], dim: int, layout: str = "time_freq") -> torch.Tensor:
+    """Fixed 2-D positions [gt * gf, dim] in time-major order: half the channels time, half frequency.
+
+    `layout` says which half comes first: "time_freq" (time in the first half) or "freq_time", the
+    layout of MAE's `get_2d_sincos_pos_embed` on a [time, freq] grid, which the SSAM/AxLSTM authors' models
+    were trained with (its first half encodes the grid's second axis).
+    """
     if dim % 4:
         raise ValueError(f"d_model must be divisible by 4 for 2-D sin-cos positions, got {dim}")
+    if layout not in POS_EMBED_LAYOUTS:
+        raise ValueError(f"unknown position layout {layout!r}; choose one of {POS_EMBED_LAYOUTS}")
     gt, gf = grid
     t_idx = torch.arange(gt).repeat_interleave(gf)  # [gt * gf]: 0,0,0,0,0,1,1,...
     f_idx = torch.arange(gf).repeat(gt)  # [gt * gf]: 0,1,2,3,4,0,1,...
-    return torch.cat([sincos_1d(t_idx, dim // 2), sincos_1d(f_idx, dim // 2)], dim=1)
+    halves = [sincos_1d(t_idx, dim // 2), sincos_1d(f_idx, dim // 2)]
+    return torch.cat(halves if layout == "time_freq" else halves[::-1], dim=1)
 
 
 class PatchEmbed(nn.Module):

@@ -156,9 +156,9 @@ def causal_depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
 class MambaBlock(nn.Module):
     """Residual block: x + mixer(LayerNorm(x)), no MLP."""
 
-    def __init__(self, d_model: int, **mixer_kwargs: object) -> None:
+    def __init__(self, d_model: int, norm_eps: float = 1e-5, **mixer_kwargs: object) -> None:
         super().__init__()
-        self.norm = nn.LayerNorm(d_model)
+        self.norm = nn.LayerNorm(d_model, eps=norm_eps)
         self.mixer = MambaMixer(d_model, **mixer_kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -178,16 +178,24 @@ class MambaEncoder(nn.Module):
         expand: int = 3,
         use_fused_kernels: bool = True,
         max_tokens: int = 0,
+        norm_eps: float = 1e-5,
     ) -> None:
         super().__init__()
         del max_tokens  # recurrent: any length
+        # LayerNorm eps of the blocks and the final norm: torch's 1e-5 here, 1e-6 in the SSAM authors'
+        # code, which their converted weights (msm convert) set.
         self.blocks = nn.ModuleList(
             MambaBlock(
-                d_model, d_state=d_state, d_conv=d_conv, expand=expand, use_fused_kernels=use_fused_kernels
+                d_model,
+                norm_eps,
+                d_state=d_state,
+                d_conv=d_conv,
+                expand=expand,
+                use_fused_kernels=use_fused_kernels,
             )
             for _ in range(depth)
         )
-        self.norm = nn.LayerNorm(d_model)
+        self.norm = nn.LayerNorm(d_model, eps=norm_eps)
         self._rescale_out_proj(depth)
 
     @torch.no_grad()

@@ -217,7 +217,7 @@ class MLSTMBlock(nn.Module):
 
 
 class XLSTMEncoder(nn.Module):
-    """A stack of `depth` mLSTM blocks and a final bias-free LayerNorm."""
+    """A stack of `depth` mLSTM blocks and a final LayerNorm (bias-free unless `final_norm_bias`)."""
 
     def __init__(
         self,
@@ -229,6 +229,8 @@ class XLSTMEncoder(nn.Module):
         conv_kernel: int = 4,
         qkv_blocksize: int = 4,
         flip: bool = False,
+        final_norm_bias: bool = False,
+        final_norm_eps: float = 1e-5,
     ) -> None:
         super().__init__()
         self.max_tokens = max_tokens
@@ -248,7 +250,9 @@ class XLSTMEncoder(nn.Module):
             # Vision-LSTM alternates direction: odd blocks read the sequence backwards.
             blocks.append(MLSTMBlock(d_model, config, flip=flip and i % 2 == 1))
         self.blocks = nn.ModuleList(blocks)
-        self.norm = nn.LayerNorm(d_model, bias=False)
+        # The AxLSTM authors' final norm has a bias and eps 1e-6 (their SSAST base class's); their
+        # converted weights set both, models trained here keep the bias-free Vision-LSTM norm.
+        self.norm = nn.LayerNorm(d_model, eps=final_norm_eps, bias=final_norm_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Tokens in [batch, seq, d_model], tokens out [batch, seq, d_model]."""
