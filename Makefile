@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 MSM := $(VENV)/bin/msm
 
 # `msm data build` needs fluidsynth (apt) to render notes; installed here when running as root.
-.PHONY: data install test test-slow test-heareval test-hear demo demo-synth benchmark hear-example bench lint format clean
+.PHONY: data install test test-slow test-slurm test-heareval test-hear demo demo-synth benchmark hear-example bench lint format clean
 
 install: $(STAMP)
 
@@ -23,6 +23,12 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
+
+# A real two-node SLURM cluster on this machine runs slurm/pretrain.sbatch (README, "SLURM"): 2 nodes x 1
+# rank, then a job sent USR1 mid-run that must save, requeue itself and match the first run step for step.
+# Root only (installs slurm-wlm and munge, edits /etc/hosts, starts daemons); skipped otherwise.
+test-slurm: $(STAMP)
+	$(PY) slurm/cluster_test.py
 
 # hear-eval-kit beside msm-lightning: a venv layered on .venv (it sees .venv's packages through a .pth)
 # holding heareval without its stale pins (--no-deps) and the modules its embeddings runner really imports.

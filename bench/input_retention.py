@@ -26,26 +26,37 @@ from msm_lightning.model.patching import patchify
 MAX_CLIPS = 128
 
 
+def load_hear(model_arg: str) -> HearModel:
+    """The HearModel of a bundle or checkpoint path, or of `random:<family>` (seeded random Tiny weights)."""
+    if model_arg.startswith("random:"):
+        return load_model(family=model_arg.split(":", 1)[1])
+    from msm_lightning.model.bundle import load_model_file
+
+    model, config = load_model_file(model_arg)
+    return HearModel(model, config=config).eval()  # any family, so no per-family module check
+
+
+def encode_chunks(hear: HearModel, spec: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens [chunks, patches, d] and full chunks [chunks, 1, crop, mels] of a spec [frames, mels]."""
+    crop = hear.model.crop_frames
+    # Only full chunks: padding would make the read-back easy.
+    chunks = torch.stack([spec[i : i + crop] for i in range(0, spec.shape[0] - crop + 1, crop)])[:, None]
+    with torch.no_grad():
+        tokens = torch.cat([hear.model.forward_features(b)[:, 1:] for b in chunks.split(hear.chunk_batch)])
+    return tokens, chunks
+
+
 def tokens_and_patches(model_arg: str, clips: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Last-layer tokens [n, d] and their log-mel patches [n, pt * pf] of every full chunk of the clips."""
-    if model_arg.startswith("random:"):
-        hear = load_model(family=model_arg.split(":", 1)[1])
-    else:
-        from msm_lightning.model.bundle import load_model_file
-
-        model, config = load_model_file(model_arg)
-        hear = HearModel(model, config=config).eval()  # any family, so no per-family module check
-    model = hear.model
-    crop = model.crop_frames
+    hear = load_hear(model_arg)
     tokens, patches = [], []
-    with torch.no_grad():
-        for audio in clips:
-            spec = hear.spectrogram(audio[None])  # [1, frames, mels]
-            chunks = [spec[:, i : i + crop] for i in range(0, spec.shape[1] - crop + 1, crop)]
-            for chunk in chunks:  # only full chunks: padding would make the task easy
-                x = chunk[:, None]
-                tokens.append(model.forward_features(x)[0, 1:])
-                patches.append(patchify(x, model.patch_size)[0])
+    for audio in clips:
+        spec = hear.spectrogram(audio[None])[0]  # [frames, mels]
+        if spec.shape[0] < hear.model.crop_frames:
+            continue
+        chunk_tokens, chunks = encode_chunks(hear, spec)
+        tokens.append(chunk_tokens.flatten(0, 1))
+        patches.append(patchify(chunks, hear.model.patch_size).flatten(0, 1))
     return torch.cat(tokens).double(), torch.cat(patches).double()
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from msm_lightning.evaluation.protocol import fmt_score
 from msm_lightning.model.families import FAMILIES
-from msm_lightning.pipelines.contenders import Contender, pretrained, random_twin
+from msm_lightning.pipelines.contenders import Contender, at_step, pretrained, random_twin
 from msm_lightning.pipelines.inputs import task_names
 from msm_lightning.pipelines.runs import Pipeline, StageLog, run_lock
 from msm_lightning.pipelines.stages import (
@@ -32,6 +32,7 @@ from msm_lightning.pipelines.stages import (
     embed_stage,
     evaluate_stage,
     export_stage,
+    step_checkpoint,
 )
 
 LOSS_WINDOW = 50  # steps of logged training loss averaged before each checkpoint
@@ -118,15 +119,14 @@ def main() -> None:
         p = Pipeline(out, log)
         points: list[tuple[str, Contender, float | None]] = [("random weights", random_twin(family), None)]
         for step in sorted(args.steps):
-            ckpt = ckpts / f"step{step:08d}.ckpt"
+            ckpt = step_checkpoint(run / "pretrain" / family, step)
             if not ckpt.is_file():
                 found = sorted(c.name for c in ckpts.glob("step*.ckpt"))
                 raise SystemExit(f"pretraining_curve: no checkpoint '{ckpt}'; found {found}")
             bundle = export_stage(
                 p, ckpt=ckpt, out=out / "bundles" / f"step{step}", stage=f"export step {step}"
             )
-            contender = Contender(f"{name}-T-step{step}", FAMILIES[family].hear_module, bundle)
-            points.append((str(step), contender, train_loss(run, family, step)))
+            points.append((str(step), at_step(family, step, bundle), train_loss(run, family, step)))
         last = checkpoint_step(ckpts / "last.ckpt") or 0
         points.append((f"{last} (final)", final, train_loss(run, family, last)))
         rows = []

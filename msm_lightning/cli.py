@@ -17,6 +17,7 @@ TOOLS: dict[str, str] = {
     "score": "msm_lightning.evaluation.score:main",
     "demo": "msm_lightning.pipelines.cli:demo_main",
     "benchmark": "msm_lightning.pipelines.cli:benchmark_main",
+    "budget": "msm_lightning.pipelines.cli:budget_main",
 }
 
 

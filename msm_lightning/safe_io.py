@@ -46,6 +46,8 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     tmp = _temp_beside(target)
     try:
         yield tmp
+        # Again: some writers (safetensors' save_file) replace the file, and their new one is private.
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)

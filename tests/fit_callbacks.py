@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import lightning as L
+import torch
 
 
 class CrashAtStep(L.Callback):
@@ -59,3 +60,17 @@ class RecordRun(L.Callback):
         }
         Path(self.out_dir).mkdir(parents=True, exist_ok=True)
         (Path(self.out_dir) / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+class PoisonWeightsAtStep(L.Callback):
+    """Simulates a diverged optimisation: sets one weight to NaN when training reaches `step`."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__()
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        """Poison the reconstruction head once the global step reaches `step`."""
+        if trainer.global_step == self.step:
+            with torch.no_grad():
+                pl_module.model.head[0].weight[0, 0] = float("nan")

@@ -87,12 +87,15 @@ def make_bad(tmp_path: Path, kind: str) -> Path:
     if kind == "no_samples":
         return write(tmp_path / "nosamples.wav", np.zeros((0, 1), dtype=np.float32), 16000)
     x = tone(440, 0.2, 16000)
+    if kind == "huge":  # finite, but no audio at any scale (a broken float WAV)
+        return write(tmp_path / "huge.wav", x * np.float32(1e30), 16000)
     x[100] = np.nan if kind == "nan" else np.inf
     return write(tmp_path / f"{kind}.wav", x, 16000)
 
 
 @pytest.mark.parametrize(
-    "kind", ["missing", "folder", "empty", "random_bytes", "truncated_header", "no_samples", "nan", "inf"]
+    "kind",
+    ["missing", "folder", "empty", "random_bytes", "truncated_header", "no_samples", "nan", "inf", "huge"],
 )
 def test_bad_files_raise_naming_the_file(tmp_path: Path, kind: str) -> None:
     path = make_bad(tmp_path, kind)
@@ -100,6 +103,63 @@ def test_bad_files_raise_naming_the_file(tmp_path: Path, kind: str) -> None:
         load_audio(path)
     assert path.name in str(info.value)
     assert info.value.path == path and info.value.reason
+
+
+# Peak memory (MB above the imports) of reading a 3 s file at 16001 Hz, in a fresh process: torchaudio's
+# polyphase kernel for 16001 -> 16000 Hz alone takes 1 GB, 4.8 GB while it is built.
+PEAK_MEMORY_SCRIPT = """
+import resource, sys
+from msm_lightning.audio import load_audio
+load_audio(sys.argv[1])  # a first read at 16000 Hz, so lazy imports and caches are paid for before
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+x = load_audio(sys.argv[2])
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(x.numel(), (after - before) / 1024)
+"""
+
+
+def test_odd_sample_rates_resample_in_bounded_memory(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    warm = write(tmp_path / "warm.wav", tone(1000.0, 0.5, 16000), 16000)
+    odd = write(tmp_path / "odd.wav", tone(1000.0, 3.0, 16001), 16001)
+    result = subprocess.run(
+        [sys.executable, "-c", PEAK_MEMORY_SCRIPT, str(warm), str(odd)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    n, peak_mb = result.stdout.split()
+    assert int(n) == math.ceil(3 * 16001 * 16000 / 16001) and float(peak_mb) < 200
+    x = load_audio(odd)
+    assert abs(peak_hz(x, 16000) - 1000.0) < 2.0
+    for first in (0, 16000, 20011):  # segments still equal the same stretch of the whole file
+        seg = load_audio(odd, offset=first / 16000, duration=0.5)
+        np.testing.assert_allclose(seg.numpy(), x[first : first + 8000].numpy(), atol=1e-5, rtol=0)
+
+
+def test_bounded_memory_resampling_is_torchaudios_filter(monkeypatch: pytest.MonkeyPatch) -> None:
+    from msm_lightning import audio
+
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal(44100).astype(np.float32))
+    reference = audio.resample(x, 44100, 16000)  # a small kernel: torchaudio's polyphase resampler
+    monkeypatch.setattr(audio, "_MAX_KERNEL_TAPS", 0)
+    torch.testing.assert_close(audio.resample(x, 44100, 16000), reference, atol=1e-4, rtol=0)
+
+
+def test_running_out_of_memory_reading_a_file_makes_it_unreadable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from msm_lightning import audio
+
+    def no_memory(*args: object) -> None:
+        raise MemoryError("Unable to allocate 4.8 GiB")
+
+    monkeypatch.setattr(audio, "_resampler", no_memory)
+    path = write(tmp_path / "tone.wav", tone(440.0, 0.5, 44100), 44100)
+    with pytest.raises(AudioReadError, match=r"tone\.wav.*not enough memory"):
+        load_audio(path)
 
 
 def test_audio_read_error_pickles() -> None:

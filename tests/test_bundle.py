@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import struct
 from pathlib import Path
 
@@ -11,7 +13,13 @@ import torch
 
 from msm_lightning.cli import main as msm
 from msm_lightning.hear import encoder as hear
-from msm_lightning.model.bundle import MODEL_CONFIG_KEY, ModelFileError, export_checkpoint, load_model_file
+from msm_lightning.model.bundle import (
+    MODEL_CONFIG_KEY,
+    ModelFileError,
+    export_checkpoint,
+    load_model_file,
+    write_bundle,
+)
 from msm_lightning.training.module import MSMPretraining
 
 SR = 16000
@@ -166,3 +174,74 @@ def test_bad_model_files_are_clear_errors(bundle, tmp_path):
     (mismatch / "config.json").unlink()
     with pytest.raises(ModelFileError, match=r"lacks 'config\.json'"):
         load_model_file(mismatch)
+
+
+# (path in the config's `model` section, value, the field the error must name). Huge values would allocate
+# tens of GB, zero or negative ones crash inside torch; the config is checked before anything is built.
+HOSTILE_CONFIGS = [
+    ("depth", 10**9, "model.depth"),
+    ("depth", 0, "model.depth"),
+    ("d_model", 10**6, "model.d_model"),
+    ("d_model", -192, "model.d_model"),
+    ("crop_frames", 10**9, "model.crop_frames"),
+    ("crop_frames", 0, "model.crop_frames"),
+    ("frontend_kwargs.n_fft", 10**9, "model.frontend_kwargs.n_fft"),
+    ("frontend_kwargs.n_fft", 0, "model.frontend_kwargs.n_fft"),
+    ("frontend_kwargs.hop_length", 0, "model.frontend_kwargs.hop_length"),
+    ("encoder_kwargs.num_heads", 0, "model.encoder_kwargs.num_heads"),
+    ("encoder_kwargs.mlp_ratio", float("nan"), "model.encoder_kwargs.mlp_ratio"),
+    ("patch_size", [0, 16], r"model.patch_size\[0\]"),
+    ("family", "os.system", "model.family"),
+]
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "field"), HOSTILE_CONFIGS, ids=[f"{k}={v}" for k, v, _ in HOSTILE_CONFIGS]
+)
+def test_hostile_config_values_are_refused_naming_file_and_field(bundle, tmp_path, key, value, field):
+    target = tmp_path / "hostile"
+    shutil.copytree(bundle, target)
+    config = json.loads((target / "config.json").read_text())
+    *parents, leaf = key.split(".")
+    section = config["model"]
+    for name in parents:
+        section = section.setdefault(name, {})
+    section[leaf] = value
+    (target / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelFileError, match=rf"hostile/config\.json.*{field}"):
+        load_model_file(target)
+
+
+def test_buffers_beyond_the_budget_and_weights_unlike_the_header_are_refused(bundle, tmp_path):
+    target = tmp_path / "big"
+    shutil.copytree(bundle, target)
+    config = json.loads((target / "config.json").read_text())
+    # Within every bound, but the positional table alone would take 6 GB.
+    config["model"].update(crop_frames=1 << 20, d_model=1152)
+    (target / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelFileError, match=r"big/config\.json.*GiB of buffers"):
+        load_model_file(target)
+    config["model"].update(crop_frames=200, d_model=384)  # fine for the model, unlike the file's shapes
+    (target / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelFileError, match=r"weights do not match.*other shapes"):
+        load_model_file(target)
+
+
+def test_export_refuses_non_finite_weights(bundle, tmp_path):
+    model, config = load_model_file(bundle)
+    with torch.no_grad():
+        model.head[0].weight[0, 0] = float("nan")
+    with pytest.raises(ModelFileError, match=r"not written.*NaN or infinite.*head\.0\.weight"):
+        write_bundle(model, config, tmp_path / "nan")
+    assert not (tmp_path / "nan" / "model.safetensors").exists()
+
+
+def test_bundles_get_the_mode_the_umask_gives(checkpoint, tmp_path):
+    previous = os.umask(0o022)
+    try:
+        folder = export_checkpoint(checkpoint, tmp_path / "shared")
+        single = export_checkpoint(checkpoint, tmp_path / "shared.safetensors")
+    finally:
+        os.umask(previous)
+    for path in (folder / "model.safetensors", folder / "config.json", single):
+        assert path.stat().st_mode & 0o777 == 0o644, path

@@ -14,20 +14,9 @@ import torch
 
 from msm_lightning.evaluation import protocol as evaluate
 from msm_lightning.evaluation import score
-from msm_lightning.evaluation.metrics import (
-    aucroc,
-    binary_auc,
-    binary_average_precision,
-    chroma_acc,
-    d_prime,
-    mean_average_precision,
-    mean_ci95,
-    metric,
-    t_quantile,
-    top1_acc,
-)
+from msm_lightning.evaluation.metrics import mean_ci95, t_quantile
 from msm_lightning.evaluation.probe import ProbeConfig, predict, train_probe
-from msm_lightning.evaluation.taskdata import EmbeddingFormatError, data_splits, load_task
+from msm_lightning.evaluation.taskdata import EmbeddingFormatError, data_splits, find_tasks, load_task
 
 FAST = ["--max-epochs", "12", "--quiet"]
 
@@ -101,50 +90,6 @@ def emb(tmp_path_factory) -> Path:
     return root
 
 
-# ---------------------------------------------------------------- metrics, against hand-computed values
-
-
-def test_accuracies():
-    p = np.array([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7]])
-    y = np.array([[0, 1], [0, 1], [0, 1]])
-    assert top1_acc(p, y) == pytest.approx(2 / 3)
-    assert metric("pitch_acc") is top1_acc
-    # 24 pitches: 14 vs 2 is an octave error (right chroma), 3 vs 2 is wrong.
-    p, y = np.zeros((2, 24)), np.zeros((2, 24))
-    p[0, 14] = p[1, 3] = 1
-    y[0, 2] = y[1, 2] = 1
-    assert chroma_acc(p, y) == 0.5
-    assert top1_acc(p, y) == 0.0
-
-
-def test_average_precision_and_auc():
-    scores, pos = np.array([0.9, 0.8, 0.7, 0.6]), np.array([1, 0, 1, 0])
-    assert binary_average_precision(scores, pos) == pytest.approx((1 + 2 / 3) / 2)  # hits at ranks 1 and 3
-    assert binary_auc(scores, pos) == pytest.approx(3 / 4)  # 3 of 4 positive/negative pairs ordered
-    # Ties form one threshold: at 0.5, P=1/2 R=1/2; at 0.2, P=2/3 R=1.
-    tied, tpos = np.array([0.5, 0.5, 0.2]), np.array([1, 0, 1])
-    assert binary_average_precision(tied, tpos) == pytest.approx(0.5 * 0.5 + 0.5 * 2 / 3)
-    assert binary_auc(tied, tpos) == pytest.approx(0.25)  # one tie (1/2) and one loss out of 2 pairs
-    p = np.stack([scores, scores[::-1]], 1)
-    y = np.stack([pos, pos[::-1]], 1)
-    assert mean_average_precision(p, y) == pytest.approx((1 + 2 / 3) / 2)
-    assert aucroc(p, y) == pytest.approx(0.75)
-    assert d_prime(p, y) == pytest.approx(math.sqrt(2) * 0.6744897501960817)  # Phi^-1(0.75)
-    # A class without positives: AUC undefined (NaN, as heareval), AP 0 (current scikit-learn).
-    y_none = np.stack([pos, np.zeros(4)], 1)
-    assert math.isnan(aucroc(p, y_none)) and math.isnan(d_prime(p, y_none))
-    assert mean_average_precision(p, y_none) == pytest.approx((1 + 2 / 3) / 4)
-
-
-def test_t_interval():
-    assert t_quantile(0.975, 1) == pytest.approx(12.7062047, abs=1e-6)
-    assert t_quantile(0.975, 2) == pytest.approx(4.3026527, abs=1e-6)
-    assert t_quantile(0.975, 9) == pytest.approx(2.2621572, abs=1e-6)
-    mean, ci = mean_ci95([1.0, 2.0, 3.0])
-    assert mean == 2.0 and ci == pytest.approx(4.3026527 / math.sqrt(3), abs=1e-6)
-    assert mean_ci95([0.7]) == (0.7, None)
-
-
 # ---------------------------------------------------------------- data layout and errors
 
 
@@ -189,6 +134,19 @@ def test_multiclass_needs_one_label(tmp_path):
         pickle.dump([["c0", "c1"]] * 48, f)
     with pytest.raises(EmbeddingFormatError, match=r"train\.target-labels\.pkl: item 0 has 2 labels"):
         load_task(d)
+
+
+def test_folds_from_files_when_metadata_names_none(tmp_path):
+    d = write_task(tmp_path, "older", split_mode="presplit_kfold")
+    metadata = json.loads((d / "task_metadata.json").read_text())
+    del metadata["splits"], metadata["nfolds"]  # older hearpreprocess metadata
+    (d / "task_metadata.json").write_text(json.dumps(metadata))
+    task = load_task(d)
+    assert list(task.embeddings) == ["fold00", "fold01", "fold02", "fold03"]
+    assert len(task.data_splits()) == 4
+    assert find_tasks(tmp_path, ["older"]) == [d]
+    with pytest.raises(EmbeddingFormatError, match=r"no task named \['newer'\]"):
+        find_tasks(tmp_path, ["newer"])
 
 
 # ---------------------------------------------------------------- probe training

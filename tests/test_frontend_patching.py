@@ -107,3 +107,43 @@ def test_unmasked_patches_do_not_enter_the_loss():
     assert bool((grad[mask].abs().sum(-1) > 0).all())
     all_patches = ((preds[0] - patchify(spec, (4, 16))) ** 2).mean()
     assert not torch.isclose(loss, all_patches)
+
+
+def test_loud_float_audio_does_not_overflow_the_front_end():
+    # Finite samples near 1e30 (a broken float WAV) overflow a float32 power spectrum; the result must be
+    # finite and, the level being removed by the normalisation, that of the same clip at a normal level.
+    fe = LogMelFrontend()
+    quiet = 0.1 * torch.randn(2, 16000, generator=torch.Generator().manual_seed(0))
+    loud = torch.cat([quiet[:1] * 1e30, quiet[1:]])
+    spec = fe(loud)
+    assert torch.isfinite(spec).all()
+    torch.testing.assert_close(spec, fe(quiet), atol=1e-3, rtol=0)
+    assert torch.equal(spec[1], fe(quiet[1:])[0])  # the normal clip is computed as before
+
+
+def test_silent_and_constant_clips_normalise_the_same_in_any_batch():
+    fe = LogMelFrontend()
+    noise = 0.1 * torch.randn(3, 16000, generator=torch.Generator().manual_seed(1))
+    for clip in (torch.zeros(16000), torch.full((16000,), 0.3)):
+        alone = fe(clip[None])[0]
+        batched = fe(torch.cat([noise[:1], clip[None], noise[1:]]))[1]
+        assert torch.equal(alone, batched)
+        assert alone.abs().max() < 1e-3  # no magnified rounding noise
+    # Near-silence is damped by the floor rather than blown up to unit variance.
+    assert fe(1e-6 * noise).flatten(1).std(1).max() < 0.1
+    # Above the floor, the released models' standardisation (x - mean) / (std + 1e-8) is unchanged.
+    log_mel = fe.log_mel(noise)
+    dims = (1, 2)
+    reference = (log_mel - log_mel.mean(dims, keepdim=True)) / (log_mel.std(dims, keepdim=True) + 1e-8)
+    torch.testing.assert_close(fe(noise)[:, 0], reference, atol=1e-5, rtol=0)
+
+
+def test_a_silent_clips_embedding_does_not_depend_on_its_batch():
+    from msm_lightning.hear.encoder import HearModel, random_model
+
+    model = HearModel(random_model("transformer"))
+    silent = torch.zeros(1, 16000)
+    other = 0.1 * torch.randn(2, 16000, generator=torch.Generator().manual_seed(2))
+    alone = model.scene_embeddings(silent)
+    together = model.scene_embeddings(torch.cat([other[:1], silent, other[1:]]))[1:2]
+    torch.testing.assert_close(together, alone, atol=1e-6, rtol=1e-5)

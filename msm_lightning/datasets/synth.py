@@ -23,6 +23,7 @@ _BAD_KINDS: tuple[str, ...] = (
     "nosamples.wav",
     "nan.wav",
     "text.ogg",
+    "huge.wav",
 )
 
 
@@ -132,6 +133,14 @@ def _write_bad(path: Path, kind: str, rng: np.random.Generator) -> None:
         x = np.sin(np.linspace(0, 200, 16000)).astype(np.float32)
         x[5000:5100] = np.nan
         _write(path, x, 16000, "WAV", "FLOAT")
+    elif kind == "huge.wav":  # finite float samples near 1e30: no audio at any scale
+        _write(
+            path,
+            np.sin(np.linspace(0, 200, 16000)).astype(np.float32) * np.float32(1e30),
+            16000,
+            "WAV",
+            "FLOAT",
+        )
     else:
         path.write_text("this is not audio\n")
 

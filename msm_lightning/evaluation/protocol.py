@@ -24,7 +24,7 @@ Differences from hear-eval-kit
   positives an AP of 0 (current scikit-learn; older versions made the whole mAP NaN).
 - A lone last example in a training epoch (n mod batch size = 1) is left out of that epoch: BatchNorm
   cannot train on a batch of one (heareval crashes there).
-- Only scene tasks; event tasks (sed_eval metrics) are skipped with a warning.
+- Event tasks follow heareval's timestamp protocol in `event_protocol.py` (its own differences there).
 - `--standardize` (off by default) z-scores embeddings with statistics of the training split. heareval
   does not standardise: its `embedding_norm` is Identity and is not even applied in `forward`.
 - Lightning's deterministic mode is not forced (heareval sets it); CPU runs are reproducible anyway.
@@ -52,7 +52,6 @@ import math
 import multiprocessing
 import random
 import sys
-import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor
@@ -64,8 +63,10 @@ import numpy as np
 import torch
 
 from msm_lightning import __version__
+from msm_lightning.evaluation.engines import ENGINES, ProbeJob, ProbeOutcome, Split, train_jobs
+from msm_lightning.evaluation.events import EVENT_METRICS
 from msm_lightning.evaluation.metrics import PERCENT_METRICS, mean_ci95, metric
-from msm_lightning.evaluation.probe import ProbeConfig, predict, train_probe
+from msm_lightning.evaluation.probe import ProbeConfig
 from msm_lightning.evaluation.taskdata import (
     EmbeddingFormatError,
     TaskData,
@@ -73,6 +74,7 @@ from msm_lightning.evaluation.taskdata import (
     load_task,
     read_metadata,
 )
+from msm_lightning.safe_io import UnsafeFileError, atomic_write_json, atomic_write_text, read_json_file
 
 # heareval's PARAM_GRID (hear-eval-kit 2021.1.3) minus its single-valued torch objects (Adam, Identity
 # embedding norm, norm before activation), which are fixed in the probe.
@@ -104,13 +106,15 @@ Echo = Callable[[str], None]
 
 @dataclass(frozen=True)
 class ProtocolSettings:
-    """The options a result records as its protocol: grid, points per seed, epoch cap, scaling, device."""
+    """The options a result records as its protocol: grid, points per seed, epoch cap, scaling, device,
+    and the engine that trained the probes (both engines give the same results)."""
 
     grid: str = "restricted"  # a key of GRIDS
     grid_points: int = 8
     max_epochs: int | None = None  # overrides the grid's (and the task's) epochs when set
     standardize: bool = False
     device: str = "cpu"  # Lightning accelerator
+    engine: str = "batched"  # a key of engines.ENGINES
 
     def record(self, grid_values: dict[str, list[Any]]) -> dict[str, Any]:
         """The `protocol` entry of a task's result, with the task's own grid values."""
@@ -120,6 +124,7 @@ class ProtocolSettings:
             "grid_points": self.grid_points,
             "standardize": self.standardize,
             "device": self.device,
+            "engine": self.engine,
         }
 
 
@@ -174,6 +179,135 @@ def score_all(task: TaskData, probs: np.ndarray, targets: torch.Tensor) -> dict[
     return {name: metric(name)(probs, y) for name in task.metrics}
 
 
+def monitored_metric(task: TaskData) -> str | None:
+    """The validation score that picks states and grid points: the primary metric, or None (the loss)."""
+    return task.metrics[0] if task.metadata.get("use_scoring_for_early_stopping", True) else None
+
+
+def split_data(task: TaskData, split: dict[str, list[str]], standardize: bool) -> tuple[Split, Split, Split]:
+    """A data split's train, valid and test rows, z-scored with training statistics when asked."""
+    train, valid, test = (task.gather(split[k]) for k in ("train", "valid", "test"))
+    if standardize:
+        z = standardizer(train[0])
+        train, valid, test = ((z(x), y) for x, y in (train, valid, test))
+    return train, valid, test
+
+
+def best_point(outcomes: list[ProbeOutcome], monitor: str | None) -> int:
+    """Index of the best validation score (NaN last); a tie goes to the earlier point, as in heareval."""
+
+    def rank(i: int) -> tuple[bool, float]:
+        score = outcomes[i].val_score
+        return math.isnan(score), -score if monitor else score
+
+    return min(range(len(outcomes)), key=rank)  # min() keeps the first of equal ranks
+
+
+def run_seeds(
+    task: TaskData,
+    grid: dict[str, list[Any]],
+    seeds: list[int],
+    grid_points: int,
+    accelerator: str = "cpu",
+    standardize: bool = False,
+    log_dir: Path | None = None,
+    echo: Echo = print,
+    engine: str = "batched",
+) -> list[dict[str, Any]]:
+    """The protocol for some seeds: grid search on the first split, each seed's best point on the others.
+
+    Each step trains all its probes in one `train_jobs` call (one batch with the batched engine): every
+    seed's grid points on the first split, then every seed's chosen point on each further split. The
+    probe on data split j of seed s has torch seed 1000*s + j.
+    """
+    configs = {s: grid_configs(grid, s, grid_points) for s in seeds}
+    monitor = monitored_metric(task)
+    splits = task.data_splits()
+    shown = varying(grid)
+
+    def train_step(j: int, jobs: list[ProbeJob]) -> list[tuple[ProbeOutcome, dict[str, float]]]:
+        data = split_data(task, splits[j], standardize)
+        outcomes = train_jobs(
+            jobs,
+            data,
+            task.prediction_type,
+            monitor,
+            engine=engine,
+            accelerator=accelerator,
+            log_dir=log_dir / task.name if log_dir is not None else None,
+        )
+        return [(o, score_all(task, o.test_probs, data[2][1])) for o in outcomes]
+
+    jobs = [
+        ProbeJob(c, 1000 * s, f"seed{s}-split0-config{i}") for s in seeds for i, c in enumerate(configs[s])
+    ]
+    done = iter(train_step(0, jobs))
+    grid_runs = {s: [next(done) for _ in configs[s]] for s in seeds}
+    best = {}
+    for s in seeds:
+        for i, (config, (o, _)) in enumerate(zip(configs[s], grid_runs[s], strict=True)):
+            echo(
+                f"[{task.name}] seed {s} config {i + 1}/{len(configs[s])} ({describe(config, shown)}): "
+                f"valid {monitor or 'loss'} {o.val_score:.4f} at epoch {o.best_epoch}/{o.epochs_trained} "
+                f"({o.time_s:.1f}s)"
+            )
+        best[s] = best_point([o for o, _ in grid_runs[s]], monitor)
+    split_runs = {s: [grid_runs[s][best[s]]] for s in seeds}
+    for j in range(1, len(splits)):
+        jobs = [ProbeJob(configs[s][best[s]], 1000 * s + j, f"seed{s}-split{j}-best") for s in seeds]
+        for s, run in zip(seeds, train_step(j, jobs), strict=True):
+            split_runs[s].append(run)
+    return [
+        seed_record(task, s, configs[s], grid_runs[s], configs[s][best[s]], split_runs[s], echo)
+        for s in seeds
+    ]
+
+
+def seed_record(
+    task: TaskData,
+    seed: int,
+    configs: list[ProbeConfig],
+    grid_runs: list[tuple[ProbeOutcome, dict[str, float]]],
+    best: ProbeConfig,
+    split_runs: list[tuple[ProbeOutcome, dict[str, float]]],
+    echo: Echo = print,
+) -> dict[str, Any]:
+    """One seed's entry in a task's `runs`: the grid, the chosen point, per-split and mean test scores."""
+    primary = task.metrics[0]
+    split_records = []
+    for split, (outcome, test_scores) in zip(task.data_splits(), split_runs, strict=True):
+        split_records.append(
+            {
+                **split,
+                "val_score": outcome.val_score,
+                "best_epoch": outcome.best_epoch,
+                "epochs_trained": outcome.epochs_trained,
+                "time_s": round(outcome.time_s, 3),
+                "test_scores": test_scores,
+            }
+        )
+        test_name = "|".join(split["test"])
+        echo(f"[{task.name}] seed {seed} tested on {test_name}: {primary} {test_scores[primary]:.4f}")
+    # The first split's run is one of the grid's, so it is counted once.
+    seconds = sum(o.time_s for o, _ in grid_runs) + sum(o.time_s for o, _ in split_runs[1:])
+    return {
+        "seed": seed,
+        "hparams": asdict(best),
+        "grid": [
+            {
+                "hparams": asdict(c),
+                "val_score": o.val_score,
+                "best_epoch": o.best_epoch,
+                "epochs_trained": o.epochs_trained,
+            }
+            for c, (o, _) in zip(configs, grid_runs, strict=True)
+        ],
+        "splits": split_records,
+        "test": {m: float(np.mean([s["test_scores"][m] for s in split_records])) for m in task.metrics},
+        "wall_time_s": round(seconds, 3),
+    }
+
+
 def run_seed(
     task: TaskData,
     grid: dict[str, list[Any]],
@@ -183,80 +317,10 @@ def run_seed(
     standardize: bool = False,
     log_dir: Path | None = None,
     echo: Echo = print,
+    engine: str = "batched",
 ) -> dict[str, Any]:
-    """One seed of the protocol: grid search on the first split, best point on every split, test scores."""
-    start = time.time()
-    configs = grid_configs(grid, seed, grid_points)
-    primary = task.metrics[0]
-    monitor = primary if task.metadata.get("use_scoring_for_early_stopping", True) else None
-    shown = varying(grid)
-
-    def fit(config: ProbeConfig, j: int, split: dict[str, list[str]], tag: str):
-        train, valid, test = (task.gather(split[k]) for k in ("train", "valid", "test"))
-        if standardize:
-            z = standardizer(train[0])
-            train, valid, test = ((z(x), y) for x, y in (train, valid, test))
-        logger: Any = False
-        if log_dir is not None:
-            from lightning.pytorch.loggers import CSVLogger
-
-            logger = CSVLogger(log_dir, name=task.name, version=f"seed{seed}-split{j}-{tag}")
-        result = train_probe(
-            train, valid, task.prediction_type, config, monitor, 1000 * seed + j, accelerator, logger
-        )
-        return result, score_all(task, predict(result.module, test[0]), test[1])
-
-    splits = task.data_splits()
-    grid_runs = []
-    for i, config in enumerate(configs):
-        result, test_scores = fit(config, 0, splits[0], f"config{i}")
-        grid_runs.append((result, test_scores))
-        echo(
-            f"[{task.name}] seed {seed} config {i + 1}/{len(configs)} ({describe(config, shown)}): "
-            f"valid {monitor or 'loss'} {result.val_score:.4f} at epoch {result.best_epoch}/"
-            f"{result.epochs_trained} ({result.time_s:.1f}s)"
-        )
-
-    def rank(i: int) -> tuple[bool, float]:
-        score = grid_runs[i][0].val_score
-        return math.isnan(score), -score if monitor else score
-
-    # min() keeps the first of equal ranks: a tie goes to the earlier grid point, as in heareval's sort.
-    best_i = min(range(len(configs)), key=rank)
-    best = configs[best_i]
-    split_runs = [grid_runs[best_i]]
-    for j, split in enumerate(splits[1:], start=1):
-        split_runs.append(fit(best, j, split, "best"))
-    split_records = []
-    for split, (result, test_scores) in zip(splits, split_runs, strict=True):
-        split_records.append(
-            {
-                **split,
-                "val_score": result.val_score,
-                "best_epoch": result.best_epoch,
-                "epochs_trained": result.epochs_trained,
-                "time_s": round(result.time_s, 3),
-                "test_scores": test_scores,
-            }
-        )
-        test_name = "|".join(split["test"])
-        echo(f"[{task.name}] seed {seed} tested on {test_name}: {primary} {test_scores[primary]:.4f}")
-    return {
-        "seed": seed,
-        "hparams": asdict(best),
-        "grid": [
-            {
-                "hparams": asdict(c),
-                "val_score": r.val_score,
-                "best_epoch": r.best_epoch,
-                "epochs_trained": r.epochs_trained,
-            }
-            for c, (r, _) in zip(configs, grid_runs, strict=True)
-        ],
-        "splits": split_records,
-        "test": {m: float(np.mean([s["test_scores"][m] for s in split_records])) for m in task.metrics},
-        "wall_time_s": round(time.time() - start, 3),
-    }
+    """One seed of the protocol (`run_seeds` for a single seed)."""
+    return run_seeds(task, grid, [seed], grid_points, accelerator, standardize, log_dir, echo, engine)[0]
 
 
 def summarise(task: TaskData, runs: list[dict[str, Any]], protocol: dict[str, Any]) -> dict[str, Any]:
@@ -273,6 +337,7 @@ def summarise(task: TaskData, runs: list[dict[str, Any]], protocol: dict[str, An
         "metrics": task.metrics,
         "prediction_type": task.prediction_type,
         "split_mode": task.metadata["split_mode"],
+        "embedding_type": task.metadata["embedding_type"],
         "n_splits": len(task.data_splits()),
         "embedding_dim": task.dim,
         "seeds": [r["seed"] for r in runs],
@@ -300,16 +365,24 @@ def evaluate_task(
     echo: Echo = print,
     protocol: dict[str, Any] | None = None,
     pool: Executor | None = None,
+    engine: str = "batched",
+    workers: int = 1,
 ) -> dict[str, Any]:
-    """The protocol for every seed on one loaded task, summarised; seeds run in `pool` when given."""
+    """The protocol for every seed on one loaded task, summarised.
+
+    With `pool`, the seeds are shared among its `workers` processes: one seed per call with the single
+    engine, one contiguous share of the seeds (trained as one batch) per worker with the batched engine.
+    """
     for name in task.metrics:
         try:
             metric(name)  # fail before training on an unsupported metric
         except KeyError as err:
             raise EmbeddingFormatError(f"{task.path / 'task_metadata.json'}: {err.args[0]}") from err
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; engines are {list(ENGINES)}")
     # A partial of a module function pickles, so the same callable serves the pool's workers.
-    one_seed = functools.partial(
-        run_seed,
+    some_seeds = functools.partial(
+        run_seeds,
         task,
         grid,
         grid_points=grid_points,
@@ -317,8 +390,15 @@ def evaluate_task(
         standardize=standardize,
         log_dir=log_dir,
         echo=echo,
+        engine=engine,
     )
-    runs = list(pool.map(one_seed, seeds)) if pool is not None else [one_seed(s) for s in seeds]
+    if engine == "single":
+        shares = [[s] for s in seeds]
+    else:
+        n = min(len(seeds), workers if pool is not None else 1)
+        shares = [seeds[k * len(seeds) // n : (k + 1) * len(seeds) // n] for k in range(n)]
+    parts = pool.map(some_seeds, shares) if pool is not None else map(some_seeds, shares)
+    runs = [run for part in parts for run in part]
     return summarise(task, runs, protocol or {})
 
 
@@ -352,8 +432,9 @@ def seed_pool(workers: int, threads: int | None) -> Iterator[Executor | None]:
 
 def fmt_score(name: str, mean: float, ci: float | None) -> str:
     """`93.9 ± 0.7` (fractions shown x100), or the bare mean without an interval."""
-    scale = 100.0 if name in PERCENT_METRICS else 1.0
-    digits = 1 if name in PERCENT_METRICS else 3
+    percent = name in PERCENT_METRICS or name in EVENT_METRICS  # F-measures and error rates are fractions
+    scale = 100.0 if percent else 1.0
+    digits = 1 if percent else 3
     text = f"{mean * scale:.{digits}f}"
     return text if ci is None else f"{text} ± {ci * scale:.{digits}f}"
 
@@ -383,15 +464,27 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def read_results(path: Path) -> dict[str, Any] | None:
+    """An existing results file (None if there is none); one that does not parse is an UnsafeFileError."""
+    if not path.exists():
+        return None
+    previous = read_json_file(path, "msm evaluate results file")
+    if not isinstance(previous, dict) or not isinstance(previous.get("tasks", {}), dict):
+        raise UnsafeFileError(f"msm evaluate results file '{path}' is not a results object with `tasks`")
+    return previous
+
+
 def write_results(out_dir: Path, model: str, embedding_dir: Path, tasks: dict[str, dict]) -> Path:
-    """Merge the tasks into `out_dir/<model>.json` (earlier tasks kept) and rewrite `<model>.md`."""
+    """Merge the tasks into `out_dir/<model>.json` (earlier tasks kept) and rewrite `<model>.md`.
+
+    Both files are replaced atomically, so an interrupted run leaves the previous results, never half.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{model}.json"
     result = {"format": RESULT_FORMAT, "model": model, "tasks": {}}
-    if path.is_file():
-        previous = json.loads(path.read_text())
-        if previous.get("format") == RESULT_FORMAT:
-            result["tasks"] = previous.get("tasks", {})
+    previous = read_results(path)
+    if previous is not None and previous.get("format") == RESULT_FORMAT:
+        result["tasks"] = previous.get("tasks", {})
     result.update(
         {
             "embedding_dir": str(embedding_dir),
@@ -400,8 +493,8 @@ def write_results(out_dir: Path, model: str, embedding_dir: Path, tasks: dict[st
         }
     )
     result["tasks"].update(tasks)
-    path.write_text(json.dumps(result, indent=1))
-    (out_dir / f"{model}.md").write_text(markdown(result))
+    atomic_write_json(path, result, indent=1)
+    atomic_write_text(out_dir / f"{model}.md", markdown(result))
     return path
 
 
@@ -416,21 +509,24 @@ def evaluate_all(
     csv_logs: bool = False,
     echo: Echo = print,
     pool: Executor | None = None,
+    workers: int = 1,
 ) -> tuple[Path | None, dict[str, Any]]:
-    """Evaluate every scene task of an embedding folder, saving `out/<model>.json` after each task.
+    """Evaluate every scene and event task of an embedding folder, saving `out/<model>.json` after each.
 
-    `tasks` picks task folder names or task_name values (an event task among them is an error; without
-    `tasks` event tasks are skipped with a warning). Returns the result file (None when no task was
-    evaluated) and the evaluated tasks' entries; raises EmbeddingFormatError on malformed input.
+    `tasks` picks task folder names or task_name values (a task of another embedding_type among them is
+    an error; without `tasks` such tasks are skipped with a warning). Returns the result file (None when
+    no task was evaluated) and the evaluated tasks' entries; raises EmbeddingFormatError on malformed input.
+    `workers` is the number of processes in `pool`.
     """
     path = None
     results: dict[str, Any] = {}
+    read_results(out / f"{model}.json")  # a corrupt results file stops the run before any training
     for task_dir in find_tasks(embeddings, tasks):
         metadata = read_metadata(task_dir)
-        if metadata["embedding_type"] != "scene":
-            if tasks:
-                raise EmbeddingFormatError(f"{task_dir}: event tasks are not supported")
+        if metadata["embedding_type"] not in ("scene", "event"):
             kind = metadata["embedding_type"]
+            if tasks:
+                raise EmbeddingFormatError(f"{task_dir}: unknown embedding_type {kind!r}")
             print(f"msm evaluate: skipping {task_dir.name} (embedding_type {kind!r})", file=sys.stderr)
             continue
         task = load_task(task_dir)
@@ -439,7 +535,13 @@ def evaluate_all(
             f"[{task.name}] {task.prediction_type}, {len(task.data_splits())} split(s), dim {task.dim}, "
             f"{task.n_labels} labels, primary {task.metrics[0]}"
         )
-        results[task.name] = evaluate_task(
+        evaluate: Callable[..., dict[str, Any]] = functools.partial(
+            evaluate_task, engine=protocol.engine, workers=workers
+        )
+        if task.embedding_type == "event":
+            # Imported here: the event protocol builds on this module's helpers.
+            from msm_lightning.evaluation.event_protocol import evaluate_event_task as evaluate
+        results[task.name] = evaluate(
             task,
             grid=grid,
             seeds=seeds,
@@ -486,11 +588,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads", type=int, help="torch CPU threads (default: torch's; 1 is best on a busy machine)"
     )
     p.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="batched",
+        help="batched (default): the probes of each protocol step (all seeds and grid points) trained "
+        "together as one batched model; single: one Lightning run per probe, the reference it reproduces",
+    )
+    p.add_argument(
         "--workers",
         type=int,
         default=1,
-        help="processes that run seeds in parallel, each with --threads threads (default 1); results are "
-        "the same as with one",
+        help="processes that share the seeds, each with --threads threads (default 1); results are the "
+        "same as with one. With the batched engine one process with all threads is usually as fast",
     )
     p.add_argument("--quiet", action="store_true", help="no per-config progress lines")
     return p
@@ -506,8 +615,11 @@ def main(argv: list[str]) -> None:
     emb = args.embeddings
     model = args.name or (emb.parent.name if (emb / "task_metadata.json").is_file() else emb.name)
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
-    protocol = ProtocolSettings(args.grid, args.grid_points, args.max_epochs, args.standardize, args.device)
-    with seed_pool(min(args.workers, len(seeds)), args.threads) as pool:
+    protocol = ProtocolSettings(
+        args.grid, args.grid_points, args.max_epochs, args.standardize, args.device, args.engine
+    )
+    workers = min(args.workers, len(seeds))
+    with seed_pool(workers, args.threads) as pool:
         try:
             path, results = evaluate_all(
                 emb,
@@ -519,10 +631,11 @@ def main(argv: list[str]) -> None:
                 csv_logs=args.csv_logs,
                 echo=no_echo if args.quiet else print_line,
                 pool=pool,
+                workers=workers,
             )
-        except EmbeddingFormatError as err:
+        except (EmbeddingFormatError, UnsafeFileError) as err:
             raise SystemExit(f"msm evaluate: {err}") from err
     if not results:
-        raise SystemExit(f"msm evaluate: no scene tasks in {emb}")
+        raise SystemExit(f"msm evaluate: no scene or event tasks in {emb}")
     print(f"wrote {path} and {path.with_suffix('.md')}")
     print(markdown(json.loads(path.read_text())))

@@ -7,6 +7,9 @@ Choices:
 - Only tasks that every model has are scored; the others are listed in a warning. A task on which all
   models score the same cannot be normalised and is left out of s(m), also with a warning.
 - min_t and max_t are treated as constants (they are fixed by the comparison set, from the means).
+- Scene and event tasks mix freely. A score where lower is better (an event task's error rate, marked by
+  `higher_is_better: false` in its result) enters negated, 100 * (max_t - x_t(m)) / (max_t - min_t), so
+  that 100 is always the best model on the task.
 - Interval of s(m): if all of a model's tasks ran the same seeds (N >= 2), s(m) is computed per seed,
   s_k(m) = mean_t 100 * (x_t,k(m) - min_t) / (max_t - min_t), and its 95% t interval over the N values is
   reported (the mean of the s_k(m) is s(m) exactly). Otherwise the tasks' intervals are propagated as
@@ -17,16 +20,16 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from msm_lightning.evaluation.metrics import mean_ci95
+from msm_lightning.safe_io import atomic_path, atomic_write_text, read_json_file
 
 
 @dataclass
@@ -43,6 +46,7 @@ class Comparison:
     s_method: dict[str, str]  # "per-seed", "propagated" or "none"
     scored_tasks: list[str]  # the tasks in s(m): common ones on which the models differ
     warnings: list[str]
+    higher: dict[str, bool] = field(default_factory=dict)  # key -> whether a higher score is better
 
 
 def load_results(paths: list[str | Path]) -> dict[str, dict[str, Any]]:
@@ -50,7 +54,9 @@ def load_results(paths: list[str | Path]) -> dict[str, dict[str, Any]]:
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            found = sorted(f for f in p.glob("*.json") if _is_result(f))
+            # Every JSON file of the folder is read: one that does not parse (e.g. cut short by a crash) is an
+            # error naming it, never silently left out; JSON that is not a result (no `tasks`) is passed over.
+            found = [f for f in sorted(p.glob("*.json")) if _is_result(read_json_file(f, "results file"))]
             if not found:
                 raise ValueError(f"{p}: no msm evaluate result JSON in this folder")
             files += found
@@ -61,12 +67,13 @@ def load_results(paths: list[str | Path]) -> dict[str, dict[str, Any]]:
     results: dict[str, dict[str, Any]] = {}
     origin: dict[str, Path] = {}
     for f in files:
-        try:
-            data = json.loads(f.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{f}: not valid JSON ({err})") from err
-        if not isinstance(data, dict) or not isinstance(data.get("tasks"), dict):
+        data = read_json_file(f, "results file")
+        if not _is_result(data):
             raise ValueError(f"{f}: not an msm evaluate result (no `tasks`)")
+        for task, entry in data["tasks"].items():
+            ok = isinstance(entry, dict) and isinstance(entry.get("primary_metric"), str)
+            if not ok or not _is_number(entry.get("mean")):
+                raise ValueError(f"{f}: task {task!r} has no `primary_metric` and numeric `mean`")
         name = data.get("model") or f.stem
         if name in results:
             raise ValueError(f"model {name!r} appears twice: {origin[name]} and {f}")
@@ -74,12 +81,12 @@ def load_results(paths: list[str | Path]) -> dict[str, dict[str, Any]]:
     return results
 
 
-def _is_result(path: Path) -> bool:
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return False
+def _is_result(data: Any) -> bool:
     return isinstance(data, dict) and isinstance(data.get("tasks"), dict)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def compare(results: dict[str, dict[str, Any]]) -> Comparison:
@@ -103,39 +110,51 @@ def compare(results: dict[str, dict[str, Any]]) -> Comparison:
             raise ValueError(f"task {t}: models were scored with different primary metrics {sorted(used)}")
         metrics[t] = used.pop()
     scores = {m: {t: results[m]["tasks"][t] for t in tasks} for m in models}
+    sign = {}
+    for t in tasks:
+        directions = {bool(scores[m][t].get("higher_is_better", True)) for m in models}
+        if len(directions) > 1:
+            raise ValueError(f"task {t}: models disagree on whether a higher {metrics[t]} is better")
+        sign[t] = 1.0 if directions.pop() else -1.0
 
-    lo = {t: min(scores[m][t]["mean"] for m in models) for t in tasks}
-    hi = {t: max(scores[m][t]["mean"] for m in models) for t in tasks}
+    # Over signed scores, so that hi is the best model's score whichever way the metric points.
+    lo = {t: min(sign[t] * scores[m][t]["mean"] for m in models) for t in tasks}
+    hi = {t: max(sign[t] * scores[m][t]["mean"] for m in models) for t in tasks}
     normalised = [t for t in tasks if hi[t] > lo[t]]
     if len(models) < 2:
         warnings.append("s(m) needs at least two models: min and max are taken over the models compared")
     else:
         for t in tasks:
             if t not in normalised:
-                warnings.append(f"task {t} left out of s(m): every model scores {lo[t]:.4g}")
+                warnings.append(f"task {t} left out of s(m): every model scores {sign[t] * lo[t]:.4g}")
 
     s, s_ci, s_method = {}, {}, {}
     for m in models:
-        s[m], s_ci[m], s_method[m] = _aggregate(scores[m], normalised, lo, hi)
+        s[m], s_ci[m], s_method[m] = _aggregate(scores[m], normalised, lo, hi, sign)
     names = {t: scores[models[0]][t].get("task_name", t) for t in tasks}
     if len(set(names.values())) < len(names):  # two folders with one task_name (e.g. two modes): use keys
         names = {t: t for t in tasks}
-    return Comparison(models, tasks, names, metrics, scores, s, s_ci, s_method, normalised, warnings)
+    higher = {t: sign[t] > 0 for t in tasks}
+    return Comparison(models, tasks, names, metrics, scores, s, s_ci, s_method, normalised, warnings, higher)
 
 
 def _aggregate(
-    entries: dict[str, dict[str, Any]], tasks: list[str], lo: dict[str, float], hi: dict[str, float]
+    entries: dict[str, dict[str, Any]],
+    tasks: list[str],
+    lo: dict[str, float],
+    hi: dict[str, float],
+    sign: dict[str, float],
 ) -> tuple[float, float | None, str]:
-    """One model's s(m), its 95% half-width and how the interval was obtained."""
+    """One model's s(m), its 95% half-width and how the interval was obtained (lo, hi: signed scores)."""
     if not tasks:
         return math.nan, None, "none"
     norm = {t: 100.0 / (hi[t] - lo[t]) for t in tasks}
-    s = float(np.mean([norm[t] * (entries[t]["mean"] - lo[t]) for t in tasks]))
+    s = float(np.mean([norm[t] * (sign[t] * entries[t]["mean"] - lo[t]) for t in tasks]))
     seeds = [entries[t].get("seeds") for t in tasks]
     aligned = all(sd is not None and sd == seeds[0] for sd in seeds) and len(seeds[0]) >= 2
     if aligned:
         per_seed = np.mean(
-            [[norm[t] * (x - lo[t]) for x in entries[t]["test_scores"]] for t in tasks], axis=0
+            [[norm[t] * (sign[t] * x - lo[t]) for x in entries[t]["test_scores"]] for t in tasks], axis=0
         )
         return s, mean_ci95(per_seed.tolist())[1], "per-seed"
     cis = [entries[t].get("ci95") for t in tasks]
@@ -166,7 +185,8 @@ def _task_cell(c: Comparison, m: str, t: str) -> str:
 
 def markdown(c: Comparison) -> str:
     """The comparison as a Markdown table: a column per task (mean ± 95% CI) and s(m)."""
-    header = ["model", *[f"{c.task_names[t]} ({c.metrics[t]})" for t in c.tasks], "s(m)"]
+    lower = {t: "" if c.higher.get(t, True) else ", lower is better" for t in c.tasks}
+    header = ["model", *[f"{c.task_names[t]} ({c.metrics[t]}{lower[t]})" for t in c.tasks], "s(m)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for m in sorted(c.models, key=lambda m: -c.s[m] if not math.isnan(c.s[m]) else math.inf):
         row = [m, *[_task_cell(c, m, t) for t in c.tasks], fmt(c.s[m], c.s_ci[m])]
@@ -181,7 +201,7 @@ def markdown(c: Comparison) -> str:
 
 def write_csv(c: Comparison, path: Path) -> None:
     """One row per model: each task's mean and 95% half-width (raw metric units), then s(m) and its."""
-    with path.open("w", newline="") as f:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["model", *[h for t in c.tasks for h in (f"{t} mean", f"{t} ci95")], "s(m)", "s(m) ci95"])
         for m in c.models:
@@ -208,7 +228,8 @@ def plot(c: Comparison, path: Path) -> None:
     ax.set_xlim(0, 115)
     ax.set_xlabel(f"s(m): normalised score over {len(c.scored_tasks)} tasks (95% CI)")
     fig.tight_layout()
-    fig.savefig(path, dpi=150)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=150, format="png")
     plt.close(fig)
 
 
@@ -230,7 +251,7 @@ def main(argv: list[str]) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     out = {ext: args.out.with_name(args.out.name + ext) for ext in (".md", ".csv", ".png")}
     table = markdown(c)
-    out[".md"].write_text(table)
+    atomic_write_text(out[".md"], table)
     write_csv(c, out[".csv"])
     written = [out[".md"], out[".csv"]]
     if not args.no_plot:

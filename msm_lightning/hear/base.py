@@ -46,11 +46,16 @@ def check_audio(audio: Any) -> torch.Tensor:
         )
     if audio.shape[1] == 0:
         raise ValueError("audio has zero samples per sound; HEAR clips need at least one sample")
+    # Checked after the conversion: float64 samples beyond float32's range become infinite there.
+    audio = audio.float()
     finite = torch.isfinite(audio).all(dim=1)
     if not bool(finite.all()):
         bad = torch.nonzero(~finite).flatten().tolist()
-        raise ValueError(f"audio contains NaN or infinite samples (sounds {bad[:10]})")
-    return audio.float()
+        raise ValueError(
+            f"audio contains NaN or infinite samples (sounds {bad[:10]}); samples beyond float32's range "
+            "count as infinite"
+        )
+    return audio
 
 
 class HearModule(nn.Module):

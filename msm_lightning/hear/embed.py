@@ -33,6 +33,7 @@ from msm_lightning.hear.layout import (
     EMBEDDINGS_DONE_MARKER,
     PROFILE_FILE,
     audio_dir,
+    check_task,
     embedding_dimensions_path,
     embeddings_folder_name,
     embeddings_path,
@@ -327,6 +328,8 @@ def embed_tasks(
         todo.append(t)
     if not todo:
         return [out_root / t.name for t in tasks]
+    for task_path in todo:
+        check_task(task_path)  # a malformed task folder stops the run here, before the model is loaded
     embedder = Embedder(module_name, model_path, model_options, device)
     for task_path in todo:
         task_out = out_root / task_path.name

@@ -38,6 +38,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from msm_lightning.safe_io import UnsafeFileError, read_json_file
+
 METADATA_FILE = "task_metadata.json"
 VOCABULARY_FILE = "labelvocabulary.csv"
 PROVENANCE_FILE = "provenance.csv"
@@ -51,6 +53,8 @@ KFOLD_MODES = (NEW_SPLIT_KFOLD, "presplit_kfold", "folds")
 TRAIN_VALID_TEST = ("train", "valid", "test")
 
 _SPLIT_FILE = re.compile(r"(train|valid|test|fold\d+)\.(json|embeddings\.npy)")
+# A split name becomes part of file and folder names, so it must be one of the layout's, not a path.
+_SPLIT_NAME = re.compile(r"train|valid|test|fold\d+")
 
 
 class LayoutError(ValueError):
@@ -166,9 +170,9 @@ def read_json(path: Path) -> Any:
     if not path.is_file():
         raise LayoutError(f"missing file {path}")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise LayoutError(f"{path}: not valid JSON ({err})") from err
+        return read_json_file(path, "task file")
+    except UnsafeFileError as err:
+        raise LayoutError(str(err)) from err
 
 
 def read_task_metadata(task_dir: Path) -> dict[str, Any]:
@@ -185,8 +189,11 @@ def read_vocabulary(task_dir: Path) -> list[str]:
     path = vocabulary_path(task_dir)
     if not path.is_file():
         raise LayoutError(f"missing file {path}")
-    with path.open(newline="") as f:
-        rows = list(csv.DictReader(f))
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise LayoutError(f"{path}: not a readable CSV file ({err})") from err
     if not rows or "idx" not in rows[0] or "label" not in rows[0]:
         raise LayoutError(f"{path}: expected a header with columns `idx` and `label`")
     try:
@@ -211,6 +218,21 @@ def read_split_labels(task_dir: Path, split: str) -> dict[str, Any]:
     return labels
 
 
+def check_task(task_dir: Path) -> dict[str, Any]:
+    """Read a task folder's metadata, vocabulary and every split's labels; its metadata if all are sound.
+
+    Readers call it before any work, so a malformed folder is a LayoutError naming the file, not a crash.
+    """
+    metadata = read_task_metadata(task_dir)
+    read_vocabulary(task_dir)
+    for split in split_names(metadata, task_dir):
+        path = split_labels_path(task_dir, split)
+        for name, labels in read_split_labels(task_dir, split).items():
+            if not isinstance(labels, list):
+                raise LayoutError(f"{path}: {name!r} maps to {labels!r}, not a list of labels or events")
+    return metadata
+
+
 def check_clip_name(labels_file: Path, name: str) -> None:
     """Refuse a clip name that would read or write outside its split folder (absolute, `..`, empty)."""
     parts = PurePosixPath(name.replace("\\", "/")).parts
@@ -229,13 +251,21 @@ def split_names(metadata: Mapping[str, Any], task_dir: Path) -> list[str]:
     """
     if metadata.get("splits"):
         splits = metadata["splits"]
-        if not isinstance(splits, list):
-            raise LayoutError(f"{metadata_path(task_dir)}: `splits` must be a list, got {splits!r}")
-        return [str(s) for s in splits]
+        if not isinstance(splits, list) or not all(
+            isinstance(s, str) and _SPLIT_NAME.fullmatch(s) for s in splits
+        ):
+            raise LayoutError(
+                f"{metadata_path(task_dir)}: `splits` must be a list of split names (train, valid, test, "
+                f"fold00, ...), got {splits!r}"
+            )
+        return list(splits)
     if metadata.get("split_mode") == TRAINVALTEST:
         return list(TRAIN_VALID_TEST)
     if metadata.get("nfolds"):
-        return fold_names(int(metadata["nfolds"]))
+        n_folds = metadata["nfolds"]
+        if isinstance(n_folds, bool) or not isinstance(n_folds, int) or not 0 < n_folds <= 1000:
+            raise LayoutError(f"{metadata_path(task_dir)}: `nfolds` must be a whole number, got {n_folds!r}")
+        return fold_names(n_folds)
     found = {m.group(1) for p in task_dir.iterdir() if (m := _SPLIT_FILE.fullmatch(p.name))}
     if not found:
         raise LayoutError(

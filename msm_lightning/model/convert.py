@@ -424,6 +424,12 @@ def convert_state_dict(
             f"the weights are a width-{width}, {blocks}-block model, but {arch} is width {config['d_model']} "
             f"with {config['depth']} blocks: the checkpoint and the config do not belong together"
         )
+    from msm_lightning.model.bundle import ModelFileError, check_buildable
+
+    try:
+        check_buildable(Path(f"{arch} model_args"), config)  # bounded before anything is allocated
+    except ModelFileError as err:
+        raise ConversionError(str(err)) from err
     model, _ = map_state_dict(described, state)
     return model, described
 

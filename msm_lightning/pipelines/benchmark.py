@@ -22,7 +22,7 @@ from msm_lightning.pipelines.stages import (
     compare,
     export_stage,
     pretrain_stage,
-    subset_stage,
+    task_set,
 )
 
 # The defaults fit a working session on the machine of the README's benchmark (2 h 22 min there, of which
@@ -85,10 +85,7 @@ def _benchmark(s: BenchmarkSettings, runner: Runner) -> Pipeline:
     )
     p = Pipeline(out, log, runner)
     manifest, tasks = check_data(data, "benchmark")
-    if s.max_per_split:
-        tasks = subset_stage(
-            p, tasks=tasks, out=out / "tasks", max_per_split=s.max_per_split, seed=s.subset_seed
-        )
+    tasks = task_set(p, tasks=tasks, out=out / "tasks", max_per_split=s.max_per_split, seed=s.subset_seed)
     if s.peers:
         check_peers("benchmark")  # before hours of pretraining, not after
     bundles = {}

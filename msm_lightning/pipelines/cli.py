@@ -1,4 +1,4 @@
-"""The command lines of `msm demo` and `msm benchmark`: options to settings, then the run and its summary."""
+"""The command lines of `msm demo`, `msm benchmark` and `msm budget`: options to settings, then the run."""
 
 from __future__ import annotations
 
@@ -17,13 +17,24 @@ from msm_lightning.pipelines.benchmark import (
     BenchmarkSettings,
     run_benchmark,
 )
+from msm_lightning.pipelines.budget import (
+    BUDGET_FIRST_STEP,
+    BUDGET_OUT,
+    BUDGET_TOTAL_STEPS,
+    CURVES_FILE,
+    PRETRAIN_LOG,
+    TABLE_FILE,
+    BudgetSettings,
+    run_budget,
+)
 from msm_lightning.pipelines.demo import DEMO_MAX_PER_SPLIT, DEMO_OUT, DEMO_SEEDS, DemoSettings, run_demo
 from msm_lightning.pipelines.inputs import DEFAULT_CACHE, DEFAULT_DATA
 from msm_lightning.pipelines.runs import Pipeline
+from msm_lightning.safe_io import UnsafeFileError
 
 
-def _common_arguments(parser: argparse.ArgumentParser, out: str) -> None:
-    """Options shared by both commands."""
+def _common_arguments(parser: argparse.ArgumentParser, out: str, checkpoint_every: int = 100) -> None:
+    """Options shared by the commands."""
     parser.add_argument(
         "--data", default=DEFAULT_DATA, help=f"output of `msm data build` (default {DEFAULT_DATA})"
     )
@@ -45,8 +56,8 @@ def _common_arguments(parser: argparse.ArgumentParser, out: str) -> None:
     parser.add_argument(
         "--checkpoint-every",
         type=int,
-        default=100,
-        help="pretraining checkpoint interval in steps (default 100)",
+        default=checkpoint_every,
+        help=f"pretraining checkpoint interval in steps (default {checkpoint_every})",
     )
     parser.add_argument("--max-epochs", type=int, help=argparse.SUPPRESS)  # probe epochs cap, for tests
     parser.add_argument(
@@ -103,13 +114,7 @@ def benchmark_parser() -> argparse.ArgumentParser:
         default=BENCHMARK_STEPS,
         help=f"pretraining steps of every family (default {BENCHMARK_STEPS})",
     )
-    p.add_argument(
-        "--families",
-        nargs="+",
-        choices=list(FAMILIES),
-        default=list(FAMILIES),
-        help="families (default all)",
-    )
+    _family_arguments(p)
     p.add_argument(
         "--seeds", type=int, default=BENCHMARK_SEEDS, help=f"msm evaluate seeds (default {BENCHMARK_SEEDS})"
     )
@@ -127,6 +132,63 @@ def benchmark_parser() -> argparse.ArgumentParser:
         f"clips per split of the seeded task subset (default {BENCHMARK_MAX_PER_SPLIT}; 0: the full tasks)",
     )
     _common_arguments(p, BENCHMARK_OUT)
+    return p
+
+
+def _family_arguments(parser: argparse.ArgumentParser) -> None:
+    """--families (all three by default)."""
+    parser.add_argument(
+        "--families",
+        nargs="+",
+        choices=list(FAMILIES),
+        default=list(FAMILIES),
+        help="families (default all)",
+    )
+
+
+def budget_parser() -> argparse.ArgumentParser:
+    """Arguments of `msm budget`."""
+    p = argparse.ArgumentParser(
+        prog="msm budget",
+        description="How many pretraining steps each Tiny family needs to beat its random-weight twin and "
+        "the log-mel baseline: pretrains the families round-robin toward log-spaced target steps (the lr "
+        "schedule planned for --total-steps), evaluates the checkpoint of each target step with msm "
+        "benchmark's protocol as it appears, and writes the curves (budget-curves.png) and the budget table "
+        "(budget.md) to --out. Days on a CPU; rerun the same command to resume.",
+    )
+    _family_arguments(p)
+    p.add_argument(
+        "--total-steps",
+        type=int,
+        default=BUDGET_TOTAL_STEPS,
+        help=f"steps the lr schedule is planned for, and the last target (default {BUDGET_TOTAL_STEPS})",
+    )
+    p.add_argument(
+        "--first-step",
+        type=int,
+        default=BUDGET_FIRST_STEP,
+        help=f"the first target step; each next one doubles it (default {BUDGET_FIRST_STEP})",
+    )
+    p.add_argument(
+        "--pretrain-root",
+        help="folder of the pretraining runs, one `msm fit` run folder per family (default OUT/pretrain)",
+    )
+    p.add_argument(
+        "--no-pretrain",
+        action="store_true",
+        help="only evaluate the checkpoints that exist (e.g. while another process pretrains)",
+    )
+    p.add_argument("--no-evaluate", action="store_true", help="only pretrain")
+    p.add_argument(
+        "--seeds", type=int, default=BENCHMARK_SEEDS, help=f"msm evaluate seeds (default {BENCHMARK_SEEDS})"
+    )
+    p.add_argument("--grid", choices=("restricted", "hear"), default="restricted", help="probe grid")
+    _subset_arguments(
+        p,
+        BENCHMARK_MAX_PER_SPLIT,
+        f"clips per split of the seeded task subset (default {BENCHMARK_MAX_PER_SPLIT}; 0: the full tasks)",
+    )
+    _common_arguments(p, BUDGET_OUT, checkpoint_every=BUDGET_FIRST_STEP)
     return p
 
 
@@ -176,21 +238,64 @@ def benchmark_settings(argv: list[str]) -> BenchmarkSettings:
     )
 
 
-def _finish(p: Pipeline) -> None:
+def budget_settings(argv: list[str]) -> BudgetSettings:
+    """The `msm budget` command line as settings."""
+    args = budget_parser().parse_args(argv)
+    return BudgetSettings(
+        families=tuple(args.families),
+        total_steps=args.total_steps,
+        first_step=args.first_step,
+        checkpoint_every=args.checkpoint_every,
+        seeds=args.seeds,
+        grid=args.grid,
+        max_per_split=args.max_per_split,
+        subset_seed=args.subset_seed,
+        data=Path(args.data),
+        out=Path(args.out),
+        pretrain_root=Path(args.pretrain_root) if args.pretrain_root else None,
+        pretrain=not args.no_pretrain,
+        evaluate=not args.no_evaluate,
+        eval_threads=args.eval_threads,
+        eval_workers=args.eval_workers,
+        num_workers=args.num_workers,
+        max_epochs=args.max_epochs,
+        fit_args=tuple(args.fit_args),
+    )
+
+
+def _finish(p: Pipeline, outputs: str) -> None:
     """Close the stage log and print the timings and where the outputs are."""
     p.log.finish()
     print(f"\nStage wall times ({p.log.path}):\n")
     print(p.log.summary())
-    print(f"\nScores: {p.root / 'scores.md'} (.csv, .png); per model: {p.root / 'results'}")
+    print(f"\n{outputs}")
 
 
-def _interruptible(command: str, run: Callable[[], Pipeline]) -> None:
+def _scores(p: Pipeline) -> str:
+    """Where `msm demo` and `msm benchmark` put their scores."""
+    return f"Scores: {p.root / 'scores.md'} (.csv, .png); per model: {p.root / 'results'}"
+
+
+def _budget_outputs(p: Pipeline) -> str:
+    """Where `msm budget` puts its curves and tables."""
+    if p.log.path.name == PRETRAIN_LOG:  # --no-evaluate: only the pretraining ran
+        return f"Checkpoints: {p.root}/<family>/checkpoints"
+    files = ", ".join(str(p.root / f) for f in (CURVES_FILE, TABLE_FILE, "scores.md"))
+    return f"Curves and tables: {files}; per model: {p.root / 'results'}"
+
+
+def _interruptible(
+    command: str, run: Callable[[], Pipeline], outputs: Callable[[Pipeline], str] = _scores
+) -> None:
     """Run a pipeline; Ctrl-C ends it with a one-line hint instead of a traceback."""
     try:
-        _finish(run())
+        p = run()
+        _finish(p, outputs(p))
     except KeyboardInterrupt:
         print(f"\nmsm {command}: interrupted; rerun the same command to resume", file=sys.stderr)
         raise SystemExit(130) from None
+    except UnsafeFileError as err:  # a record or results file that does not parse, named
+        raise SystemExit(f"msm {command}: {err}") from None
 
 
 def demo_main(argv: list[str]) -> None:
@@ -203,3 +308,9 @@ def benchmark_main(argv: list[str]) -> None:
     """Entry point of `msm benchmark`."""
     settings = benchmark_settings(argv)
     _interruptible("benchmark", lambda: run_benchmark(settings))
+
+
+def budget_main(argv: list[str]) -> None:
+    """Entry point of `msm budget`."""
+    settings = budget_settings(argv)
+    _interruptible("budget", lambda: run_budget(settings), _budget_outputs)

@@ -38,6 +38,11 @@ def pretrained(family: str, bundle: Path) -> Contender:
     return Contender(f"{FAMILIES[family].paper_name}-T", FAMILIES[family].hear_module, bundle)
 
 
+def at_step(family: str, step: int, bundle: Path) -> Contender:
+    """The family's model exported from its pretraining checkpoint at `step`."""
+    return Contender(f"{FAMILIES[family].paper_name}-T-step{step}", FAMILIES[family].hear_module, bundle)
+
+
 def crepe(capacity: str) -> Contender:
     """The CREPE peer at `capacity` ("tiny" or "full")."""
     return Contender(f"CREPE-{capacity}", PEERS["torchcrepe"], options=(("capacity", capacity),))

@@ -7,7 +7,6 @@ progress bar; the stage log keeps every stage's wall time in the run folder acro
 from __future__ import annotations
 
 import datetime
-import json
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from msm_lightning.safe_io import LockedError, atomic_write_json, file_lock
+from msm_lightning.safe_io import LockedError, UnsafeFileError, atomic_write_json, file_lock, read_json_file
 
 Runner = Callable[[list[str]], int]
 
@@ -52,8 +51,12 @@ class StageLog:
     def __init__(self, path: Path, command: str, settings: dict[str, Any]) -> None:
         self.path = path
         self.data: dict[str, Any] = {"command": command, "stages": {}, "runs": []}
-        if path.is_file():
-            self.data.update(json.loads(path.read_text()))
+        if path.exists():
+            # Read before any stage runs: a record cut short by a crash stops the run here, naming the file.
+            recorded = read_json_file(path, f"msm {command} stage log")
+            if not isinstance(recorded, dict):
+                raise UnsafeFileError(f"msm {command} stage log '{path}' is not a JSON object")
+            self.data.update(recorded)
         self.data["settings"] = settings
         self.this_run: dict[str, str] = {}  # stage -> "ran" / "skipped", for the closing summary
         self.started = time.time()

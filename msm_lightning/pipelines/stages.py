@@ -3,7 +3,8 @@
 - pretraining: a run whose `pretrain.done.json` marker exists (written after `msm fit` returned) is not
   rerun; an interrupted one continues with `--ckpt_path last` (Lightning restores the step, the optimiser,
   the lr schedule and the `max_time` clock). A run folder pretrained with other settings is an error, not
-  silently reused.
+  silently reused. A run may also be trained in rounds (`PretrainSpec.stop_at`), each stopping at its own
+  step while the lr schedule stays planned for the whole run.
 - export: skipped while the bundle is newer than the checkpoint.
 - embedding: `msm embed` skips tasks with a `.done.embeddings` marker; a task embedded with an older model
   file than the current one is deleted first, so it is embedded again.
@@ -30,6 +31,7 @@ from msm_lightning.hear.layout import (
 from msm_lightning.pipelines.contenders import Contender
 from msm_lightning.pipelines.inputs import task_names
 from msm_lightning.pipelines.runs import Pipeline, now
+from msm_lightning.safe_io import atomic_write_json, read_json_file
 
 PRETRAIN_CONFIG = "real_tiny.yaml"
 PRETRAIN_DONE_FILE = "pretrain.done.json"
@@ -41,6 +43,13 @@ def build_data_stage(p: Pipeline, *, data: Path, cache: Path) -> None:
     """`msm data build` (cached and resumable itself) into `data`."""
     seconds = p.tool("data build", "data", ["build", "--cache", cache, "--out", data])
     p.log.ran("data build", seconds)
+
+
+def task_set(p: Pipeline, *, tasks: Path, out: Path, max_per_split: int, seed: int = 0) -> Path:
+    """The tasks of a comparison: the seeded subset in `out` (`subset_stage`), or all with 0 per split."""
+    if not max_per_split:
+        return tasks
+    return subset_stage(p, tasks=tasks, out=out, max_per_split=max_per_split, seed=seed)
 
 
 def subset_stage(p: Pipeline, *, tasks: Path, out: Path, max_per_split: int, seed: int = 0) -> Path:
@@ -68,7 +77,7 @@ class PretrainSpec:
     """One `msm fit` run of a Tiny model on the real corpus with the short-CPU recipe."""
 
     family: str
-    steps: int
+    steps: int  # the lr schedule's length, and where the run ends
     manifest: Path
     root: Path
     max_minutes: float | None = None  # hard wall-time bound (`--trainer.max_time`), demo only
@@ -76,6 +85,10 @@ class PretrainSpec:
     checkpoint_every: int = 100
     num_workers: int = 1
     extra_args: list[str] = field(default_factory=list)  # further `msm fit` overrides (tests)
+    # Where this round stops (`msm budget`); the schedule stays planned for `steps`. Not a setting of the
+    # run: each round of one run has its own.
+    stop_at: int | None = None
+    progress_bar: bool = True  # off for logs written to a file; not a setting of the run either
 
     @property
     def stage(self) -> str:
@@ -106,7 +119,7 @@ class PretrainSpec:
             "--model.family",
             self.family,
             "--trainer.max_steps",
-            str(self.steps),
+            str(self.stop_at if self.stop_at is not None else self.steps),
             "--model.warmup_steps",
             str(self.warmup),
             "--data.manifest",
@@ -118,6 +131,10 @@ class PretrainSpec:
             "--checkpoint.every_n_train_steps",
             str(self.checkpoint_every),
         ]
+        if self.stop_at is not None:
+            args += ["--model.schedule_steps", str(self.steps)]
+        if not self.progress_bar:
+            args += ["--trainer.enable_progress_bar", "false"]
         if self.max_minutes is not None:
             total = round(self.max_minutes * 60)
             args += ["--trainer.max_time", f"00:{total // 3600:02d}:{total // 60 % 60:02d}:{total % 60:02d}"]
@@ -127,7 +144,12 @@ class PretrainSpec:
 def recorded_pretraining(root: Path) -> dict[str, Any] | None:
     """The settings a pretraining run folder was started with (`PretrainSpec.settings`), None if none."""
     path = root / PRETRAIN_SETTINGS_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
+    return read_json_file(path, "pretraining settings") if path.is_file() else None
+
+
+def step_checkpoint(root: Path, step: int) -> Path:
+    """The checkpoint `msm fit` keeps at `step` in run folder `root` (its `checkpoint.filename`)."""
+    return root / "checkpoints" / f"step{step:08d}.ckpt"
 
 
 def checkpoint_step(path: Path) -> int | None:
@@ -140,7 +162,7 @@ def checkpoint_step(path: Path) -> int | None:
 
 
 def pretrain_stage(p: Pipeline, spec: PretrainSpec) -> Path:
-    """Pretrain (or resume, or skip) one model; returns its last checkpoint."""
+    """Pretrain (or resume, or skip) one model, or one round of it (`spec.stop_at`); its last checkpoint."""
     ckpt = spec.root / "checkpoints" / "last.ckpt"
     settings_path, done_path = spec.root / PRETRAIN_SETTINGS_FILE, spec.root / PRETRAIN_DONE_FILE
     settings = spec.settings()
@@ -155,20 +177,26 @@ def pretrain_stage(p: Pipeline, spec: PretrainSpec) -> Path:
         p.log.skipped(spec.stage, f"finished at step {step}: {ckpt}")
         return ckpt
     if step is not None and step >= spec.steps:  # finished, but stopped before the marker was written
-        done_path.write_text(json.dumps({"global_step": step, "finished": now()}) + "\n")
+        atomic_write_json(done_path, {"global_step": step, "finished": now()}, indent=None)
         p.log.skipped(spec.stage, f"finished at step {step}: {ckpt}")
         return ckpt
+    if step is not None and spec.stop_at is not None and step >= spec.stop_at:
+        p.log.skipped(spec.stage, f"at step {step}, this round stops at {spec.stop_at}")
+        return ckpt
     spec.root.mkdir(parents=True, exist_ok=True)
-    settings_path.write_text(json.dumps(settings, indent=1) + "\n")
+    atomic_write_json(settings_path, settings)
     seconds = p.tool(spec.stage, "fit", spec.fit_args())
     end = checkpoint_step(ckpt)
     if end is None:
         raise p.fail(f"{spec.stage} wrote no checkpoint at '{ckpt}'")
     start = step or 0
-    done_path.write_text(json.dumps({"global_step": end, "finished": now()}) + "\n")
+    # A round that stopped short of the schedule's end is not the end of the run.
+    if spec.stop_at is None or end >= spec.steps:
+        atomic_write_json(done_path, {"global_step": end, "finished": now()}, indent=None)
     p.log.ran(
         spec.stage,
         seconds,
+        attempt={"from_step": start, "to_step": end},
         steps=end,
         planned_steps=spec.steps,
         resumed_from_step=step,
@@ -233,7 +261,7 @@ def embed_stage(p: Pipeline, contender: Contender, *, tasks: Path, emb_root: Pat
     for name in names:
         profile = folder / name / PROFILE_FILE
         if profile.is_file():
-            per_task[name] = round(json.loads(profile.read_text())["time_elapsed"], 1)
+            per_task[name] = round(read_json_file(profile, "embedding profile")["time_elapsed"], 1)
     p.log.ran(stage, seconds, task_seconds=per_task)
     return folder
 
@@ -260,7 +288,7 @@ def finished_tasks(result: Path, folder: Path, names: list[str], settings: EvalS
 
     if not result.is_file():
         return set()
-    data = json.loads(result.read_text())
+    data = read_json_file(result, "msm evaluate results file")
     if data.get("format") != RESULT_FORMAT:
         return set()
     done = set()
@@ -309,7 +337,8 @@ def evaluate_stage(
         args += ["--max-epochs", str(settings.max_epochs)]
     args += ["--out", results, "--tasks", *todo]  # --tasks takes the rest of the line
     seconds = p.tool(stage, "evaluate", args)
-    per_task = {n: t["wall_time_s"] for n, t in json.loads(result.read_text())["tasks"].items() if n in todo}
+    tasks = read_json_file(result, "msm evaluate results file")["tasks"]
+    per_task = {n: t["wall_time_s"] for n, t in tasks.items() if n in todo}
     p.log.ran(stage, seconds, task_seconds=per_task)
     return result
 
@@ -319,13 +348,14 @@ def score_stage(p: Pipeline, *, results: list[Path], out: Path) -> None:
     p.log.ran("score", p.tool("score", "score", [*results, "--out", out]), replace=True)
 
 
+def embed_and_evaluate(p: Pipeline, contender: Contender, *, tasks: Path, settings: EvalSettings) -> Path:
+    """Embed and evaluate one contender in the run folder (`emb/`, `results/`); its result JSON."""
+    folder = embed_stage(p, contender, tasks=tasks, emb_root=p.root / "emb")
+    return evaluate_stage(p, contender, folder=folder, results=p.root / "results", settings=settings)
+
+
 def compare(p: Pipeline, contenders: list[Contender], *, tasks: Path, settings: EvalSettings) -> list[Path]:
     """Embed and evaluate each contender in turn (so results appear model by model), then score them."""
-    results = []
-    for contender in contenders:
-        folder = embed_stage(p, contender, tasks=tasks, emb_root=p.root / "emb")
-        results.append(
-            evaluate_stage(p, contender, folder=folder, results=p.root / "results", settings=settings)
-        )
+    results = [embed_and_evaluate(p, c, tasks=tasks, settings=settings) for c in contenders]
     score_stage(p, results=results, out=p.root / "scores")
     return results

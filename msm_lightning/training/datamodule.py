@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import warnings
@@ -13,9 +14,11 @@ import lightning as L
 import numpy as np
 import torch
 import torch.distributed as dist
+from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from msm_lightning.audio import AudioReadError, audio_info, list_audio_files, load_audio
+from msm_lightning.training.sampler import CropStreamSampler
 
 # Replacement draws that may land on files already known to be bad before falling back to an exact
 # draw among the good ones (which costs a pass over the whole index).
@@ -48,6 +51,10 @@ class _PathTable:
         start = int(self._ends[index - 1]) if index > 0 else 0
         return Path(os.fsdecode(self._blob[start : int(self._ends[index])].tobytes()))
 
+    def digest(self) -> str:
+        """SHA-256 of the paths in order."""
+        return hashlib.sha256(self._blob.tobytes() + self._ends.tobytes()).hexdigest()
+
 
 def _distributed_rank() -> int | None:
     """Global rank from torch.distributed if it is initialised in this process, else None."""
@@ -59,8 +66,10 @@ def _distributed_rank() -> int | None:
 class RandomCropDataset(Dataset):
     """Fixed-length crops of audio files (random, or centred for evaluation) that skip unreadable files.
 
-    Items are ``{"audio": float32 tensor [crop_samples], "skipped": int}``, where ``skipped`` counts the
-    unreadable files passed over to produce the item. Clips shorter than the crop are tiled.
+    Items are ``{"audio": float32 tensor [crop_samples], "skipped": int, "skipped_ids": int64 tensor
+    [max_attempts]}``, where ``skipped`` counts the unreadable files passed over to produce the item and
+    ``skipped_ids`` holds their indices (padded with -1), so that a file met again is not counted again.
+    Clips shorter than the crop are tiled; files with non-finite or out-of-scale samples are unreadable.
     """
 
     def __init__(
@@ -97,18 +106,34 @@ class RandomCropDataset(Dataset):
         """Pickle without the per-process generator (spawned workers build their own)."""
         return {**self.__dict__, "_gen": None, "_gen_pid": -1}
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor | int]:
-        """Return a crop of file `index`, or of a readable substitute if that file cannot be read."""
-        gen = self._generator()
+    def index_digest(self) -> str:
+        """SHA-256 of the file list, to check that every rank indexes the same corpus in the same order."""
+        return self._paths.digest()
+
+    def __getitem__(self, index: int | tuple[int, int, int]) -> dict[str, torch.Tensor | int]:
+        """Return a crop of file `index`, or of a readable substitute if that file cannot be read.
+
+        A ``(file index, crop seed, mask seed)`` index (from `CropStreamSampler`) fixes the crop's random
+        draws and adds the mask seed to the item as ``mask_seed``.
+        """
+        extra: dict[str, int] = {}
+        if isinstance(index, tuple):
+            index, crop_seed, mask_seed = index
+            gen, extra = torch.Generator().manual_seed(crop_seed), {"mask_seed": mask_seed}
+        else:
+            gen = self._generator()
         idx, last_error = index, None
-        # Each failed attempt (a newly or previously found bad file) is one skipped file.
+        # Each failed attempt (a newly or previously found bad file) is one skip, of file `idx`.
+        passed = torch.full((self.max_attempts,), -1, dtype=torch.int64)
         for skipped in range(self.max_attempts):
             if idx not in self._bad:
                 try:
-                    return {"audio": self._crop(self._paths[idx], gen), "skipped": skipped}
+                    audio = self._crop(self._paths[idx], gen)
+                    return {"audio": audio, "skipped": skipped, "skipped_ids": passed, **extra}
                 except AudioReadError as err:
                     self._mark_bad(idx, err)
                     last_error = err
+            passed[skipped] = idx
             idx = self._substitute(idx, gen)
         raise RuntimeError(
             f"{self.max_attempts} audio files in a row could not be read (last: {last_error}); "
@@ -183,13 +208,17 @@ class AudioDataModule(L.LightningDataModule):
     """Random fixed-length crops of an audio corpus for self-supervised pretraining.
 
     Unreadable files are skipped with a warning (each batch's ``skipped`` entry counts them); setup()
-    fails if no listed file can be read at all.
+    fails if no listed file can be read at all. With ``shards`` the crops stream from `msm data shard`
+    output instead (`msm_lightning.training.shards`), and the loader's position after the last trained
+    batch goes into checkpoints, so a resume continues mid-epoch.
 
     Args:
         root: Folder searched recursively for audio files (.wav, .flac, .ogg, .mp3, .aiff, .aif).
-            Give exactly one of root and manifest.
+            Give exactly one of root, manifest and shards.
         manifest: Text file with one audio path per line ('#' comments allowed; relative paths are
             relative to the manifest), or a .csv/.tsv whose first column is the path.
+        shards: Folder (or object-store URL, e.g. s3://bucket/shards) written by `msm data shard`; used
+            instead of root and manifest.
         batch_size: Crops per batch on each device (the global batch is this times the world size).
         num_workers: DataLoader worker processes per device; 0 loads in the training process.
         crop_seconds: Length of each crop in seconds; shorter clips are looped to this length.
@@ -202,6 +231,7 @@ class AudioDataModule(L.LightningDataModule):
         self,
         root: str | None = None,
         manifest: str | None = None,
+        shards: str | None = None,
         batch_size: int = 32,
         num_workers: int = 4,
         crop_seconds: float = 2.0,
@@ -219,6 +249,7 @@ class AudioDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.root = root
         self.manifest = manifest
+        self.shards = shards
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.crop_seconds = crop_seconds
@@ -227,6 +258,10 @@ class AudioDataModule(L.LightningDataModule):
         self.pin_memory = pin_memory
         self.train_dataset: RandomCropDataset | None = None
         self.val_dataset: RandomCropDataset | None = None
+        self._crop_stream: CropStreamSampler | None = None  # the training sampler, see train_dataloader()
+        self._crop_stream_state: dict[str, int] | None = None  # its seed and position from a checkpoint
+        self._shard_loader: Any = None  # a training.shards.ShardLoader, built in train_dataloader()
+        self._shard_state: dict[str, Any] | None = None  # its position from a checkpoint, if resuming
 
     @property
     def crop_samples(self) -> int:
@@ -235,12 +270,13 @@ class AudioDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         """List the training (and validation) files and check that some of them can be read."""
-        if (self.root is None) == (self.manifest is None):
+        if sum(x is not None for x in (self.root, self.manifest, self.shards)) != 1:
             raise ValueError(
-                "AudioDataModule needs exactly one of root (a folder of audio) or manifest (a file list); "
-                f"got root={self.root!r}, manifest={self.manifest!r}"
+                "AudioDataModule needs exactly one of root (a folder of audio), manifest (a file list) or "
+                f"shards, the others null (e.g. --data.root null); got root={self.root!r}, "
+                f"manifest={self.manifest!r}, shards={self.shards!r}"
             )
-        if self.train_dataset is None and stage in (None, "fit"):
+        if self.shards is None and self.train_dataset is None and stage in (None, "fit"):
             source = f"folder '{self.root}'" if self.root is not None else f"manifest '{self.manifest}'"
             files = list_audio_files(root=self.root, manifest=self.manifest)
             self.train_dataset = self._dataset(files, source, center=False)
@@ -269,15 +305,61 @@ class AudioDataModule(L.LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=train,
+            sampler=self._crop_stream_sampler(dataset) if train else None,
             drop_last=train,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory and _accelerator_available(),
             persistent_workers=self.num_workers > 0,
         )
 
+    def _crop_stream_sampler(self, dataset: RandomCropDataset) -> CropStreamSampler:
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        restored = self._crop_stream_state
+        if restored is not None:
+            seed = restored["seed"]
+        else:
+            # Every rank must deal from the same permutation: rank 0's seed wins (the processes of an srun
+            # job each seed themselves, and an unseeded run would differ between them).
+            seed = int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed()))
+            seed = trainer.strategy.broadcast(seed, src=0) if trainer is not None else seed
+        if trainer is not None and world > 1:
+            digest = dataset.index_digest()
+            same = trainer.strategy.broadcast(digest, src=0) == digest
+            if not trainer.strategy.reduce_boolean_decision(same, all=True):
+                raise ValueError(
+                    f"the {world} ranks list different training files (rank {rank}: {len(dataset)} files); "
+                    "root or manifest must give every node the same paths in the same order"
+                )
+        self._crop_stream = CropStreamSampler(
+            dataset,
+            self.batch_size,
+            seed,
+            rank=rank,
+            world_size=world,
+            consumed_batches=self._batches_consumed,
+        )
+        return self._crop_stream
+
+    def _batches_consumed(self) -> int | None:
+        # A resume starts where the checkpoint says; later iterators (new epochs) where training is now.
+        if self._crop_stream_state is not None:
+            consumed, self._crop_stream_state = self._crop_stream_state["batches"], None
+            return consumed
+        trainer = self.trainer
+        if trainer is None or trainer.state.fn != TrainerFn.FITTING:
+            return None
+        # Lightning counts a batch as processed once its optimisation step has run.
+        return int(trainer.fit_loop.epoch_loop.batch_progress.total.processed)
+
     def train_dataloader(self) -> DataLoader:
         """Shuffled random crops; incomplete last batches are dropped."""
+        if self.shards is not None:
+            from msm_lightning.training.shards import shard_loader
+
+            # The checkpoint's position is used once: a reloaded loader must not jump back to it.
+            self._shard_loader, self._shard_state = shard_loader(self, self._shard_state), None
+            return self._shard_loader
         if self.train_dataset is None:
             self.setup("fit")
         world = self.trainer.world_size if self.trainer is not None else 1
@@ -295,3 +377,16 @@ class AudioDataModule(L.LightningDataModule):
         if self.val_dataset is None:
             self.setup("validate")
         return self._loader(self.val_dataset, train=False)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The training stream's position after the last trained batch (shard loader or crop sampler)."""
+        if self._shard_loader is not None:
+            return {"shards": self._shard_loader.state_dict()}
+        if self._crop_stream is not None and (batches := self._batches_consumed()) is not None:
+            return {"crop_stream": {"seed": self._crop_stream.seed, "batches": batches}}
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Remember the stream's position for train_dataloader() to resume from."""
+        self._shard_state = state_dict.get("shards")
+        self._crop_stream_state = state_dict.get("crop_stream")

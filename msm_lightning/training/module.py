@@ -11,6 +11,11 @@ from msm_lightning.model.bundle import MODEL_CONFIG_KEY
 from msm_lightning.model.masking import random_mask
 from msm_lightning.model.msm import MaskedSpectrogramModel
 from msm_lightning.training.optim import make_scheduler, param_groups, scaled_lr
+from msm_lightning.training.sampler import masks_from_seeds
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; `msm fit` stops with this message."""
 
 
 class MSMPretraining(L.LightningModule):
@@ -32,6 +37,9 @@ class MSMPretraining(L.LightningModule):
         min_lr_ratio: final learning rate of the cosine decay, as a fraction of the peak.
         batch_size: per-device batch size, used only for the learning-rate scaling when the datamodule
             does not say (LightningCLI links it to data.batch_size).
+        schedule_steps: total steps of the warm-up + cosine schedule; default: the trainer's estimated
+            stepping batches (max_steps, or max_epochs x batches). With it, trainer.max_steps is only
+            where this run stops, so a long schedule can be trained in shorter runs.
     """
 
     def __init__(
@@ -50,13 +58,26 @@ class MSMPretraining(L.LightningModule):
         warmup_steps: int | None = None,
         min_lr_ratio: float = 0.0,
         batch_size: int = 32,
+        schedule_steps: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.model = MaskedSpectrogramModel.from_preset(
             family, size, patch_size=patch_size, crop_frames=crop_frames, encoder_kwargs=encoder_kwargs
         )
-        self.skipped_files = 0  # bad audio files skipped by this rank's data loaders
+        # Bad audio met by this rank's data loaders: every skip, and the distinct files among them (a file
+        # is skipped again when a later draw lands on it; sources that do not name the file, such as shard
+        # records, count each skip as a file).
+        self.skip_events = 0
+        self.skipped_ids: set[int] = set()
+        self._unnamed_skips = 0
+        self._epoch_ids: set[int] = set()
+        self._epoch_unnamed = 0
+
+    @property
+    def skipped_files(self) -> int:
+        """Distinct bad files this rank's data loaders skipped so far."""
+        return len(self.skipped_ids) + self._unnamed_skips
 
     def forward(self, audio: torch.Tensor) -> torch.Tensor:
         """Inference: [batch, samples] audio -> unmasked encoder tokens [batch, 1 + n_patches, d_model]."""
@@ -70,15 +91,34 @@ class MSMPretraining(L.LightningModule):
         """One MSM step: mask half the patches of each crop and reconstruct them."""
         spec = self.model.spectrogram(batch["audio"])
         n = self.model.n_patches_of(spec)
-        mask = random_mask(spec.shape[0], n, self.hparams.mask_ratio, device=spec.device)
+        if "mask_seed" in batch:
+            # Masks that belong to the data stream's position, so a resumed run draws the same ones.
+            mask = masks_from_seeds(batch["mask_seed"], n, self.hparams.mask_ratio).to(spec.device)
+        else:
+            mask = random_mask(spec.shape[0], n, self.hparams.mask_ratio, device=spec.device)
         loss = self.model.masked_loss(spec, mask, self.hparams.norm_targets)
+        # Decided on all ranks together, so that they stop at the same step.
+        if not self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True):
+            raise NonFiniteLossError(
+                f"the training loss is {float(loss.detach())} at global step {self.global_step} (on this or "
+                "another rank); stopped before that step changed the weights, so the checkpoints written so "
+                "far are unaffected. Lower model.base_lr, or look for broken audio in the data"
+            )
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, sync_dist=True)
         if "skipped" in batch:
             skipped = batch["skipped"].sum()
-            self.skipped_files += int(skipped)
-            # Epoch total over all ranks; the running per-rank count goes to the progress bar.
+            self.skip_events += int(skipped)
+            if "skipped_ids" in batch:
+                ids = {int(i) for i in batch["skipped_ids"].flatten().tolist() if i >= 0}
+                self.skipped_ids |= ids
+                self._epoch_ids |= ids
+            else:
+                self._unnamed_skips += int(skipped)
+                self._epoch_unnamed += int(skipped)
+            # Epoch total of skips over all ranks (distinct files: on_train_epoch_end); the running
+            # per-rank count of distinct files goes to the progress bar.
             self.log(
-                "data/skipped_files",
+                "data/skip_events",
                 skipped.float(),
                 on_step=False,
                 on_epoch=True,
@@ -94,6 +134,22 @@ class MSMPretraining(L.LightningModule):
                 logger=False,
             )
         return loss
+
+    def on_train_epoch_end(self) -> None:
+        """Log the distinct bad files skipped this epoch over all ranks (`data/skipped_files`)."""
+        if not (self.skip_events or self._unnamed_skips or self.trainer.world_size > 1):
+            return  # nothing skipped on this (only) rank
+        ids = torch.tensor(sorted(self._epoch_ids), dtype=torch.int64, device=self.device)
+        unnamed = torch.tensor(self._epoch_unnamed, device=self.device)
+        if self.trainer.world_size > 1:
+            # Two ranks can meet the same bad file: gather the indices (padded to one length) and unite.
+            longest = int(self.all_gather(torch.tensor(ids.numel(), device=self.device)).max())
+            ids = self.all_gather(torch.nn.functional.pad(ids, (0, longest - ids.numel()), value=-1))
+            ids = ids.flatten()[ids.flatten() >= 0]
+            unnamed = self.all_gather(unnamed).sum()
+        distinct = float(ids.unique().numel() + int(unnamed))
+        self.log("data/skipped_files", distinct, on_step=False, on_epoch=True, sync_dist=True)
+        self._epoch_ids, self._epoch_unnamed = set(), 0
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         """Masked reconstruction loss on held-out crops with a fixed mask per batch index."""
@@ -112,7 +168,8 @@ class MSMPretraining(L.LightningModule):
 
     def schedule_steps(self) -> tuple[int, int]:
         """(warm-up steps, total steps) of the learning-rate schedule for this trainer."""
-        total = int(self.trainer.estimated_stepping_batches)
+        planned = self.hparams.schedule_steps
+        total = int(planned) if planned else int(self.trainer.estimated_stepping_batches)
         if self.hparams.warmup_steps is not None:
             warmup = self.hparams.warmup_steps
         elif self.trainer.max_epochs and self.trainer.max_epochs > 0:

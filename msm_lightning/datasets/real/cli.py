@@ -1,11 +1,12 @@
-"""Command line of `msm data`: build, check, verify, subset."""
+"""Command line of `msm data`: build, check, verify, subset, shard."""
 
 from __future__ import annotations
 
 import argparse
 
+from msm_lightning.datasets import shard as shard_cmd
+from msm_lightning.datasets import subset as subset_cmd
 from msm_lightning.datasets.real import DATA_VERSION
-from msm_lightning.datasets.real import subset as subset_cmd
 from msm_lightning.datasets.real.build import STEPS, build, verify
 from msm_lightning.datasets.real.check import check_report
 from msm_lightning.datasets.real.packages import PackageError
@@ -19,7 +20,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="msm data",
         description=f"Real-audio pretraining corpus and HEAR-format tasks from Debian data packages "
-        f"(data version {DATA_VERSION}).",
+        f"(data version {DATA_VERSION}); `shard` turns any audio corpus into streaming shards for training.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="fetch packages and build the corpus and/or tasks (resumable, cached)")
@@ -40,12 +41,16 @@ def _parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="re-hash every built output against its checksums.sha256")
     v.add_argument("--out", default=DEFAULT_OUT)
     subset_cmd.add_parser(sub)
+    shard_cmd.add_parser(sub)
     return parser
 
 
 def main(argv: list[str]) -> None:
-    """Run `msm data build|check|verify|subset`."""
+    """Run `msm data build|check|verify|subset|shard`."""
     args = _parser().parse_args(argv)
+    if args.command == "shard":
+        shard_cmd.run(args)
+        return
     if args.command == "subset":
         subset_cmd.run(args)
         return
