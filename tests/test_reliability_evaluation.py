@@ -131,7 +131,7 @@ def _binary_vocabulary(task: Path) -> None:
 MALFORMED = {
     "no labelvocabulary.csv": (_no_vocabulary, r"missing file .*labelvocabulary\.csv"),
     "split file is a list": (_split_file_is_a_list, r"train\.json: expected a JSON object"),
-    "invalid task_metadata.json": (_invalid_metadata, r"task_metadata\.json' is not valid JSON"),
+    "invalid task_metadata.json": (_invalid_metadata, r"task_metadata\.json: not valid JSON"),
     "no splits": (
         _metadata(splits=None, split_mode="new_split_kfold"),
         r"task_metadata\.json: no `splits`",

@@ -66,7 +66,7 @@ from msm_lightning.evaluation.protocol import (
 )
 from msm_lightning.evaluation.taskdata import EmbeddingFormatError, EventFrames, TaskData
 
-# heareval's TASK_SPECIFIC_PARAM_GRID, keyed by task_name (its comment: "sed_eval is very slow").
+# heareval's built-in task-specific grid values, keyed by task_name (its reason: "sed_eval is very slow").
 HEAREVAL_TASK_GRIDS: dict[str, dict[str, list[Any]]] = {"dcase2016_task2": {"check_val_every_n_epoch": [10]}}
 
 

@@ -38,8 +38,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from msm_lightning.safe_io import UnsafeFileError, read_json_file
-
 METADATA_FILE = "task_metadata.json"
 VOCABULARY_FILE = "labelvocabulary.csv"
 PROVENANCE_FILE = "provenance.csv"
@@ -170,9 +168,9 @@ def read_json(path: Path) -> Any:
     if not path.is_file():
         raise LayoutError(f"missing file {path}")
     try:
-        return read_json_file(path, "task file")
-    except UnsafeFileError as err:
-        raise LayoutError(str(err)) from err
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise LayoutError(f"{path}: not valid JSON ({err})") from err
 
 
 def read_task_metadata(task_dir: Path) -> dict[str, Any]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import statistics
 import time
-import warnings
 from pathlib import Path
 
 MIN_STEPS = 10
@@ -22,17 +21,18 @@ def measure_seconds_per_step(
 ) -> float:
     """Median wall time of `steps` pretraining steps of `family` on this machine, after `warmup` steps.
 
-    A step is what `msm fit --config CONFIG` repeats: the config's model (its size and recipe) and batch
-    size, random crops of the corpus in `manifest`, and `MSMPretraining.training_step` with backward and
-    an AdamW update, fp32 on the CPU with torch's default threads, as msm fit runs. Reading the batch is
-    timed with the step; msm fit reads it in a loader worker that shares the same cores, so this is at
-    most slightly slower than msm fit's step, and a schedule planned from it rather ends before the time
-    bound than gets cut off in its decay. Lightning's own overhead and checkpoint saving are not timed.
+    A step is what `msm fit --config CONFIG` repeats: the config's model and batch size, random crops of
+    the corpus in `manifest`, the masked loss that `MSMPretraining.training_step` computes, backward and
+    an AdamW update, fp32 on the CPU with torch's default threads. Reading the batch is timed with the
+    step (msm fit reads it in a loader worker on the same cores), so a schedule planned from it rather
+    ends before the time bound than gets cut off in its decay. Lightning's overhead and checkpoint
+    saving are not timed.
     """
     import torch
     import yaml
     from torch.utils.data import default_collate
 
+    from msm_lightning.model.masking import random_mask
     from msm_lightning.training.cli import resolve_config
     from msm_lightning.training.datamodule import AudioDataModule
     from msm_lightning.training.module import MSMPretraining
@@ -53,18 +53,17 @@ def measure_seconds_per_step(
         start = time.perf_counter()
         indices = torch.randint(len(dataset), (datamodule.batch_size,), generator=picks).tolist()
         batch = default_collate([dataset[i] for i in indices])
-        loss = module.training_step(batch, 0)
+        spec = module.model.spectrogram(batch["audio"])
+        mask = random_mask(spec.shape[0], module.model.n_patches_of(spec), hp.mask_ratio)
+        loss = module.model.masked_loss(spec, mask, hp.norm_targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         return time.perf_counter() - start
 
-    with warnings.catch_warnings():
-        # training_step logs its loss; without a Trainer, Lightning warns and drops it.
-        warnings.filterwarnings("ignore", message=r"You are trying to `self.log\(\)`")
-        for _ in range(warmup):
-            step()
-        return statistics.median(step() for _ in range(steps))
+    for _ in range(warmup):
+        step()
+    return statistics.median(step() for _ in range(steps))
 
 
 def demo_steps(minutes: float, seconds_per_step: float) -> int:

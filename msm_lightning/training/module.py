@@ -97,8 +97,10 @@ class MSMPretraining(L.LightningModule):
         else:
             mask = random_mask(spec.shape[0], n, self.hparams.mask_ratio, device=spec.device)
         loss = self.model.masked_loss(spec, mask, self.hparams.norm_targets)
-        # Decided on all ranks together, so that they stop at the same step.
-        if not self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True):
+        finite = bool(torch.isfinite(loss))
+        if self._trainer is not None:  # decided on all ranks together, so that they stop at the same step
+            finite = self._trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if not finite:
             raise NonFiniteLossError(
                 f"the training loss is {float(loss.detach())} at global step {self.global_step} (on this or "
                 "another rank); stopped before that step changed the weights, so the checkpoints written so "
