@@ -252,6 +252,48 @@ def test_workers_must_be_positive(emb, tmp_path):
         evaluate.main([str(emb), "--workers", "0", "--out", str(tmp_path), *FAST])
 
 
+def comparable(entry: dict) -> dict:
+    """A task's result without its timings (which differ from run to run) and the engine's name."""
+    runs = [
+        {
+            **run,
+            "wall_time_s": None,
+            "splits": [{**split, "time_s": None} for split in run["splits"]],
+        }
+        for run in entry["runs"]
+    ]
+    protocol = {k: v for k, v in entry["protocol"].items() if k != "engine"}
+    return {**entry, "runs": runs, "wall_time_s": None, "protocol": protocol}
+
+
+@pytest.mark.parametrize("name", ["folds_mc", "folds_ml"])
+def test_batched_engine_gives_the_single_engine_results(emb, name):
+    """Seeds, grid search, every split: exactly the same records, scores and chosen epochs."""
+    task = load_task(emb / name)
+    grid = evaluate.task_grid(evaluate.HEAR_GRID, task.metadata, max_epochs=15)  # 2 shapes, 4 lrs
+    settings = dict(grid=grid, seeds=[0, 1], grid_points=3, echo=lambda s: None)
+    entries = {e: evaluate.evaluate_task(task, engine=e, **settings) for e in ("single", "batched")}
+    same = [json.dumps(comparable(entries[e]), sort_keys=True) for e in ("single", "batched")]
+    assert same[0] == same[1]  # as JSON, where NaN (an infinite d' gives a NaN interval) equals NaN
+    epochs = [g["epochs_trained"] for run in entries["batched"]["runs"] for g in run["grid"]]
+    assert len(set(epochs)) > 1 or max(epochs) == 15  # early stopping was exercised or nothing stopped
+
+
+def test_engine_is_recorded_and_chosen_on_the_command_line(emb, tmp_path):
+    results = {}
+    for engine in ("single", "batched"):
+        out = tmp_path / engine
+        evaluate.main(
+            [str(emb), "--tasks", "tvt_mc", "--seeds", "2", "--engine", engine, "--out", str(out), *FAST]
+        )
+        results[engine] = json.loads((out / "toy_model.json").read_text())["tasks"]["tvt_mc"]
+    assert results["single"]["protocol"]["engine"] == "single"
+    assert results["batched"]["protocol"]["engine"] == "batched"
+    assert results["batched"]["test_scores"] == results["single"]["test_scores"]
+    with pytest.raises(SystemExit):
+        evaluate.main([str(emb), "--engine", "fast", "--out", str(tmp_path), *FAST])
+
+
 # ---------------------------------------------------------------- msm score
 
 

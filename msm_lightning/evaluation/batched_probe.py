@@ -1,14 +1,17 @@
 """Many MLP probes trained at once: one batched model for the seeds and grid points of a data split.
 
 The probes of one protocol step (every seed's grid points on the first split, or every seed's chosen point
-on another split) are independent runs on the same data, so they train together in a plain PyTorch loop:
-each weight is one tensor with a leading model dimension [M, ...], linear layers are batched matmuls and
-BatchNorm keeps per-model statistics. Every model gets what `probe.train_probe` would give it alone:
+on another split) are independent runs on the same data, so they train together in a plain PyTorch loop
+(none of Lightning's per-epoch and per-run overhead): each weight is one tensor with a leading model
+dimension [M, ...], updated by one Adam; linear layers are batched matmuls on accelerators and per-model
+matmuls on the CPU (see below); BatchNorm keeps per-model statistics. Every model gets what
+`probe.train_probe` would give it alone:
 
 - initialisation: its `ProbeMLP` is built right after `torch.manual_seed(seed)`, as train_probe builds it,
   and its tensors become the model's slice;
-- shuffling: a generator seeded with `seed` draws each epoch's order, two permutations per epoch as torch's
-  RandomSampler draws when its iterator runs to the end; a lone last example is left out as there;
+- shuffling: a generator seeded with `seed` draws each epoch's order with torch's RandomSampler's draws
+  (Lightning stops after len(loader) batches, so the sampler draws one more, unused, permutation only
+  when a last partial batch runs it to its end); a lone last example is left out of the epoch as there;
 - dropout: on the CPU the model's own generator continues the global RNG stream that train_probe's dropout
   sees (after the initialisation, one draw per DataLoader iterator: each epoch and each validation); on
   other devices a device generator seeded with `seed` (train_probe's fused GPU dropout cannot be replayed);
@@ -18,8 +21,11 @@ BatchNorm keeps per-model statistics. Every model gets what `probe.train_probe` 
   stopping after `patience` checks without strict improvement: per model. A finished model leaves the
   batch with its best state and the others go on.
 
-On the CPU a batched run and train_probe's runs with the same seeds agree to float rounding (batched
-matmuls round differently from single ones), with the same best epochs (tests/test_probe_batched.py).
+On the CPU a batched run gives every model bit for bit the weights, BatchNorm statistics, scores and
+epochs of its train_probe run (tests/test_probe_batched.py). That takes care: every operation whose
+rounding could depend on the batch (matmuls, batch norms, losses, softmax) runs per model with a single
+probe's own kernel, and a model's slice of a stacked activation starts on a 64-byte boundary like a
+single probe's tensor when the hidden size is a multiple of 16 (every grid has 1024).
 """
 
 from __future__ import annotations
@@ -41,9 +47,6 @@ from msm_lightning.evaluation.probe import ProbeConfig, ProbeMLP
 BETAS, EPS = (0.9, 0.999), 1e-8
 BN_MOMENTUM, BN_EPS = 0.1, 1e-5  # nn.BatchNorm1d's defaults
 PREDICT_ROWS = 4096  # probe.predict's batch size
-# ATen's CPU bmm multiplies products under 400 multiply-adds in a loop of its own; below this size the
-# batched linear layers take per-model matmuls (the same as a single probe's), whose cost is negligible.
-SMALL_PRODUCT = 1 << 16
 # Monitors computed on all models at once on the device (argmax class, optionally modulo 12).
 ACCURACY_MONITORS = {"top1_acc": None, "pitch_acc": None, "chroma_acc": 12}
 # Per model: the weights, their gradients, Adam's two moments and the kept best state; a batch holds as
@@ -107,52 +110,21 @@ def group_specs(specs: Sequence[ProbeSpec], n_features: int, n_labels: int) -> l
     return out
 
 
-def _small(rows: int, inner: int, cols: int) -> bool:
-    """Whether a product is small enough for ATen's bmm to skip BLAS (and so to round unlike mm)."""
-    return rows * inner * cols < SMALL_PRODUCT
+def _linear(
+    h: torch.Tensor | list[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor, per_model: bool
+) -> torch.Tensor:
+    """Linear layers of all models: inputs [M, B, in], M inputs [B, in] or one shared [B, in] -> [M, B, out].
 
-
-class _BatchedLinear(torch.autograd.Function):
-    """Per-model linear layers [M, B, in] -> [M, B, out] whose backward takes F.linear's own products.
-
-    autograd's bmm backward would compute the weight gradient as x^T g; F.linear's (addmm) computes it as
-    (g^T x)^T. Taking the same products per model keeps the rounding of a single probe, which matters:
-    Adam turns even rounding noise in a gradient into steps of the learning rate's size. Small products
-    run per model as F.linear runs them, because ATen's bmm has its own loop for those.
+    `per_model`: one F.linear per model, the very kernels (and rounding) of a single probe, forward and
+    backward; otherwise one batched matmul.
     """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """bias + x W^T for every model."""
-        ctx.save_for_backward(x, weight)
-        if _small(x.shape[1], x.shape[2], weight.shape[1]):
-            return torch.stack([torch.addmm(b, xi, w.t()) for xi, w, b in zip(x, weight, bias, strict=True)])
-        return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
-        """Gradients of x (when needed), the weights and the biases."""
-        x, weight = ctx.saved_tensors
-        grad = grad.contiguous()
-        rows, inner, cols = x.shape[1], x.shape[2], weight.shape[1]
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            if _small(rows, cols, inner):
-                grad_x = torch.stack([g.mm(w) for g, w in zip(grad, weight, strict=True)])
-            else:
-                grad_x = torch.bmm(grad, weight)
-        if _small(cols, rows, inner):
-            grad_weight = torch.stack([g.t().mm(xi) for g, xi in zip(grad, x, strict=True)])
-        else:
-            grad_weight = torch.bmm(grad.transpose(1, 2), x)
-        return grad_x, grad_weight, grad.sum(1)
-
-
-def _linear(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """[M, B, in] -> [M, B, out]; a shared input [B, in] meets each model's weights in its own F.linear."""
-    if h.dim() == 2:  # evaluation of one split by all models: the same product as a single probe's
-        return torch.stack([F.linear(h, w, b) for w, b in zip(weight, bias, strict=True)])
-    return _BatchedLinear.apply(h, weight, bias)
+    if isinstance(h, torch.Tensor) and h.dim() == 2:
+        h = [h] * len(weight)
+    if per_model or isinstance(h, list):
+        inputs = h.unbind(0) if isinstance(h, torch.Tensor) else h
+        triples = zip(inputs, weight.unbind(0), bias.unbind(0), strict=True)
+        return torch.stack([F.linear(x, w, b) for x, w, b in triples])
+    return torch.baddbmm(bias.unsqueeze(1), h, weight.transpose(1, 2))
 
 
 def _batch_norm(
@@ -162,43 +134,117 @@ def _batch_norm(
     mean: torch.Tensor,
     var: torch.Tensor,
     training: bool,
+    per_model: bool,
 ) -> torch.Tensor:
-    """Per-model BatchNorm1d of [M, B, H]: the M x H units are the channels of one batch norm of [B, M*H]."""
+    """Per-model BatchNorm1d of [M, B, H]; the running statistics [M, H] are updated in place.
+
+    `per_model`: one F.batch_norm per model (a single probe's rounding); otherwise one batch norm of
+    [B, M*H], whose vectorised kernel rounds channels differently when H is no multiple of its width.
+    """
     m, b, d = h.shape
+    if per_model:
+        args = zip(h.unbind(0), mean, var, weight.unbind(0), bias.unbind(0), strict=True)
+        return torch.stack(
+            [F.batch_norm(x, rm, rv, w, bi, training, BN_MOMENTUM, BN_EPS) for x, rm, rv, w, bi in args]
+        )
     flat = h.transpose(0, 1).reshape(b, m * d)
-    # The running statistics are views of the [M, H] buffers, so the in-place update lands there.
-    return F.batch_norm(
+    out = F.batch_norm(
         flat, mean.view(-1), var.view(-1), weight.reshape(-1), bias.reshape(-1), training, BN_MOMENTUM, BN_EPS
     )
+    return out.view(b, m, d).transpose(0, 1)
 
 
 def _dropout_noise(
-    shape: tuple[int, int, int],
-    ps: Sequence[float],
-    generators: Sequence[torch.Generator],
-    like: torch.Tensor,
+    shape: torch.Size, ps: Sequence[float], generators: Sequence[torch.Generator], like: torch.Tensor
 ) -> torch.Tensor:
-    """Per-model dropout multipliers [B, M, H], each model's drawn from its generator as F.dropout draws.
+    """Per-model dropout multipliers [M, B, H], each model's drawn from its generator as F.dropout draws.
 
-    F.dropout on the CPU fills a [B, H] tensor with bernoulli_(1 - p) in row order and divides it by
-    1 - p; model i's [B, H] slice here is filled in the same order.
+    F.dropout on the CPU fills a [B, H] tensor with bernoulli_(1 - p) and divides it by 1 - p.
     """
     noise = torch.empty(shape, dtype=like.dtype, device=like.device)
     for i, (p, generator) in enumerate(zip(ps, generators, strict=True)):
         if p == 0:  # F.dropout returns its input and draws nothing
-            noise[:, i].fill_(1.0)
+            noise[i].fill_(1.0)
         elif p == 1:
-            noise[:, i].zero_()
+            noise[i].zero_()
         else:
-            noise[:, i].bernoulli_(1 - p, generator=generator).div_(1 - p)
+            noise[i].bernoulli_(1 - p, generator=generator).div_(1 - p)
     return noise
 
 
+@dataclass
+class _Track:
+    """One model's early stopping, as KeepBestState keeps it: strict improvement, NaN never improves."""
+
+    maximize: bool
+    patience: int
+    best_score: float = math.nan
+    best_epoch: int = 0
+    has_best: bool = False
+    wait: int = 0  # checks since the last improvement
+    last_checked: int = 0  # epoch of the last validation
+
+    def record(self, epoch: int, score: float) -> bool:
+        """Account for a validation score; whether it is the new best (whose state is to be kept)."""
+        self.last_checked = epoch
+        improves = not math.isnan(score) and (
+            not self.has_best
+            or math.isnan(self.best_score)
+            or (score > self.best_score if self.maximize else score < self.best_score)
+        )
+        if improves:
+            self.best_score, self.best_epoch, self.wait, self.has_best = score, epoch, 0, True
+        else:
+            self.wait += 1
+        return improves
+
+    @property
+    def exhausted(self) -> bool:
+        """Patience has run out: stop training."""
+        return self.wait >= self.patience
+
+
+@dataclass
+class _Working:
+    """The models still training: their stacked state, Adam moments, original indices and step count."""
+
+    alive: list[int]
+    work: dict[str, torch.Tensor]
+    moments: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    trainable: list[str]
+    step: int = 0
+
+    @staticmethod
+    def start(state: dict[str, torch.Tensor], trainable: list[str]) -> _Working:
+        """All models, from their initial state, with zero Adam moments."""
+        work = {k: v.clone().requires_grad_(k in trainable) for k, v in state.items()}
+        moments = {k: (torch.zeros_like(work[k]), torch.zeros_like(work[k])) for k in trainable}
+        return _Working(list(range(len(next(iter(state.values()))))), work, moments, trainable)
+
+    def detached(self) -> dict[str, torch.Tensor]:
+        """The working state without autograd history."""
+        return {k: v.detach() for k, v in self.work.items()}
+
+    def retire(self, positions: list[int]) -> None:
+        """Drop finished models (positions in the working set) from every tensor."""
+        if not positions:
+            return
+        keep = [pos for pos in range(len(self.alive)) if pos not in positions]
+        self.alive = [self.alive[pos] for pos in keep]
+        if self.alive:
+            index = torch.tensor(keep, device=next(iter(self.work.values())).device)
+            self.work = {
+                k: v.detach()[index].requires_grad_(k in self.trainable) for k, v in self.work.items()
+            }
+            self.moments = {k: (a[index], b[index]) for k, (a, b) in self.moments.items()}
+
+
 class BatchedProbes:
-    """M probes of one shape as stacked tensors: trained together on one split, then used to predict.
+    """M probes of one shape as stacked tensors: trained together (once) on one split, then used to predict.
 
     `state` holds every tensor of `ProbeMLP.state_dict()` under the same name with a leading model
-    dimension; after `fit` it is each model's best (or, without any valid score, last) state.
+    dimension; after `fit` it is each model's best (or, without any valid score, last) state. The models'
+    random streams start at construction, so a second `fit` would not repeat the first.
     """
 
     def __init__(
@@ -209,6 +255,7 @@ class BatchedProbes:
         prediction_type: str,
         accelerator: str = "cpu",
     ) -> None:
+        """Build every model as train_probe would for its seed; `accelerator` as in `resolve_device`."""
         if prediction_type not in ("multiclass", "multilabel"):
             raise ValueError(f"unknown prediction_type {prediction_type!r}")
         if not specs or len({batch_key(s.config) for s in specs}) != 1:
@@ -216,13 +263,18 @@ class BatchedProbes:
         self.specs, self.prediction_type = list(specs), prediction_type
         self.config = specs[0].config
         self.device = resolve_device(accelerator)
+        # On the CPU, matmuls and batch norms run per model with a single probe's own kernels: batched
+        # kernels round differently for some shapes, and per-model calls cost nothing there (each is large
+        # enough, and its working set stays in cache). Accelerators take the batched kernels.
+        self.per_model = self.device.type == "cpu"
         states, self.dropout_generators = [], []
         for spec in specs:
             # Built as train_probe builds it: right after seeding the global RNG, which is then restored.
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(spec.seed)
+                torch.random.default_generator.manual_seed(spec.seed)  # the CPU's, where ProbeMLP is built
                 states.append(ProbeMLP(n_features, n_labels, spec.config).state_dict())
                 self.dropout_generators.append(self._dropout_generator(spec.seed, torch.get_rng_state()))
+        self.shufflers = [torch.Generator().manual_seed(spec.seed) for spec in specs]  # the sampler's
         self.state = {k: torch.stack([s[k] for s in states]).to(self.device) for k in states[0]}
         self.trainable = [
             k for k in self.state if not k.endswith(("running_mean", "running_var", "_tracked"))
@@ -247,38 +299,39 @@ class BatchedProbes:
     def _forward(
         self,
         state: dict[str, torch.Tensor],
-        x: torch.Tensor,
+        x: torch.Tensor | list[torch.Tensor],
         training: bool,
         dropout: tuple[list[float], list[torch.Generator]] | None = None,
     ) -> torch.Tensor:
-        """Logits [M, B, n_labels] of per-model inputs [M, B, dim] or of one shared input [B, dim]."""
-        h = x
+        """Logits [M, B, n_labels] of per-model inputs ([M, B, dim] or M [B, dim]) or one shared [B, dim]."""
+        h, per_model = x, self.per_model
         for layer in range(self.config.hidden_layers):
             linear, norm = f"hidden.{4 * layer}", f"hidden.{4 * layer + 1}"
-            h = _linear(h, state[f"{linear}.weight"], state[f"{linear}.bias"])
-            m, b, d = h.shape
+            h = _linear(h, state[f"{linear}.weight"], state[f"{linear}.bias"], per_model)
             if self.config.hidden_norm == "batchnorm":
-                # Dropout and ReLU act in place on the norm's [B, M*H] output (its backward does not need
-                # it), which saves two passes over the largest activations.
-                flat = _batch_norm(
-                    h,
-                    state[f"{norm}.weight"],
-                    state[f"{norm}.bias"],
-                    state[f"{norm}.running_mean"],
-                    state[f"{norm}.running_var"],
-                    training,
+                running = state[f"{norm}.running_mean"], state[f"{norm}.running_var"]
+                h = _batch_norm(
+                    h, state[f"{norm}.weight"], state[f"{norm}.bias"], *running, training, per_model
                 )
-                if training and dropout is not None:
-                    flat.mul_(_dropout_noise((b, m, d), *dropout, like=flat).view(b, m * d))
-                h = F.relu_(flat).view(b, m, d).transpose(0, 1)
-                continue
-            if self.config.hidden_norm == "layernorm":  # per model: F.layer_norm takes one [H] weight
-                weight, bias = state[f"{norm}.weight"], state[f"{norm}.bias"]
-                h = torch.stack([F.layer_norm(h[i], (d,), weight[i], bias[i]) for i in range(m)])
+            elif self.config.hidden_norm == "layernorm":  # per model: F.layer_norm takes one [H] weight
+                weights, biases = state[f"{norm}.weight"].unbind(0), state[f"{norm}.bias"].unbind(0)
+                triples = zip(h.unbind(0), weights, biases, strict=True)
+                h = torch.stack([F.layer_norm(x, (x.shape[-1],), w, b) for x, w, b in triples])
+            # Dropout and ReLU in place: nothing before them needs their input for its backward.
             if training and dropout is not None:
-                h = h * _dropout_noise((b, m, d), *dropout, like=h).transpose(0, 1)
-            h = F.relu(h)
-        return _linear(h, state["projection.weight"], state["projection.bias"])
+                h = h.mul_(_dropout_noise(h.shape, *dropout, like=h))
+            h = F.relu_(h)
+        return _linear(h, state["projection.weight"], state["projection.bias"], per_model)
+
+    def _rows(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        """Each model's batch rows x[index[i]] as [M, B, dim]; on the CPU a list of M separate tensors.
+
+        Separate allocations give every model's matmul an input as aligned as a single probe's; a slice of
+        one [M, B, dim] tensor can start mid-cache-line, and BLAS may then round differently.
+        """
+        if self.per_model:
+            return [x[i] for i in index]
+        return x[index]
 
     def _probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """Softmax (multiclass) or per-label sigmoid (multilabel) of [M, n, L], as ProbeModule.forward.
@@ -355,126 +408,98 @@ class BatchedProbes:
     ) -> list[BatchedResult]:
         """Train every model with early stopping on `valid`; keep each one's best state in `state`."""
         start = time.time()
-        device, config = self.device, self.config
-        x_train, y_train = (t.to(device) for t in train)
-        valid = tuple(t.to(device) for t in valid)
-        target = y_train.argmax(-1) if self.prediction_type == "multiclass" else y_train
-        n, batch_size = len(x_train), config.batch_size
-        # BatchNorm cannot train on a batch of one, so a lone last example is left out of the epoch.
-        drop_last = n % batch_size == 1 and n > 1
-        used = n - 1 if drop_last else n
-        # Lightning stops after len(loader) batches; only a last partial batch runs torch's RandomSampler
-        # to its end, where it draws one more (unused) permutation.
-        ends_sampler = not drop_last and n % batch_size != 0
-        count = len(self.specs)
-        shufflers = [torch.Generator().manual_seed(s.seed) for s in self.specs]
-        maximize = monitor is not None
-        best_score, best_epoch = [math.nan] * count, [0] * count
-        has_best, wait, last_checked = [False] * count, [0] * count, [0] * count
-        results: list[BatchedResult | None] = [None] * count
-
-        alive = list(range(count))  # original indices of the models still training
-        work = {k: v.clone().requires_grad_(k in self.trainable) for k, v in self.state.items()}
-        moments = {k: (torch.zeros_like(work[k]), torch.zeros_like(work[k])) for k in self.trainable}
+        train = tuple(t.to(self.device) for t in train)
+        valid = tuple(t.to(self.device) for t in valid)
+        tracks = [_Track(monitor is not None, s.config.patience) for s in self.specs]
+        run = _Working.start(self.state, self.trainable)
         best = {k: v.clone() for k, v in self.state.items()}
-        step = 0
-        epoch = 0
+        epochs = [0] * len(self.specs)
 
-        def improves(i: int, score: float) -> bool:
-            if math.isnan(score):
-                return False
-            if not has_best[i] or math.isnan(best_score[i]):
-                return True
-            return score > best_score[i] if maximize else score < best_score[i]
-
-        def check(positions: list[int], epoch: int, train_loss: list[float]) -> list[bool]:
-            """Validate the working models at `positions`; return whether each one improved."""
-            state = {k: v.detach() for k, v in work.items()}
+        def check(positions: list[int], epoch: int, train_loss: list[float]) -> None:
+            """Validate the working models at `positions` and keep the states that improved."""
+            state = run.detached()
             losses, scores = self._validation_scores(state, valid, monitor)
-            improved = []
             for pos in positions:
-                i = alive[pos]
-                last_checked[i] = epoch
+                i = run.alive[pos]
                 if log is not None:
                     log(i, epoch, train_loss[pos], losses[pos], scores[pos])
-                if improves(i, scores[pos]):
-                    best_score[i], best_epoch[i], wait[i], has_best[i] = scores[pos], epoch, 0, True
+                if tracks[i].record(epoch, scores[pos]):
                     for k in best:
                         best[k][i] = state[k][pos]
-                    improved.append(True)
-                else:
-                    wait[i] += 1
-                    improved.append(False)
-            return improved
 
-        while alive:
+        epoch = 0
+        while run.alive:
             epoch += 1
-            orders = []
-            for i in alive:
-                self._emulate_loader_draw(i)
-                orders.append(torch.randperm(n, generator=shufflers[i]))
-                if ends_sampler:
-                    torch.randperm(n, generator=shufflers[i])
-            order = torch.stack(orders).to(device)
-            p = [self.specs[i].config.dropout for i in alive]
-            generators = [self.dropout_generators[i] for i in alive]
-            lr = [self.specs[i].config.lr for i in alive]
-            loss_sum = torch.zeros(len(alive), device=device)
-            for first in range(0, used, batch_size):
-                index = order[:, first : first + batch_size]
-                losses = self._loss(self._forward(work, x_train[index], True, (p, generators)), target[index])
-                for k in self.trainable:
-                    work[k].grad = None
-                losses.sum().backward()
-                step += 1
-                self._adam_step(work, moments, lr, step)
-                if log is not None:  # Lightning's epoch mean of train_loss, weighted by batch size
-                    loss_sum += losses.detach() * index.shape[1]
-                for k, v in work.items():  # nn.BatchNorm1d counts its training batches
-                    if k.endswith("num_batches_tracked"):
-                        v += 1
-            train_loss = (loss_sum / used).tolist() if log is not None else [math.nan] * len(alive)
-
+            train_loss = self._train_epoch(run, train, log is not None)
             finished = []
-            if epoch % config.check_val_every_n_epoch == 0:
-                positions = list(range(len(alive)))
-                for i in alive:
+            if epoch % self.config.check_val_every_n_epoch == 0:
+                for i in run.alive:
                     self._emulate_loader_draw(i)  # the validation DataLoader's iterator
-                check(positions, epoch, train_loss)
-                finished += [
-                    pos for pos in positions if wait[alive[pos]] >= self.specs[alive[pos]].config.patience
-                ]
+                check(list(range(len(run.alive))), epoch, train_loss)
+                finished = [pos for pos, i in enumerate(run.alive) if tracks[i].exhausted]
             done = [
                 pos
-                for pos, i in enumerate(alive)
+                for pos, i in enumerate(run.alive)
                 if pos not in finished and epoch >= self.specs[i].config.max_epochs
             ]
             # The schedule may end between checks (500 is not a multiple of 3): score the last epoch too.
-            unscored = [pos for pos in done if last_checked[alive[pos]] != epoch]
+            unscored = [pos for pos in done if tracks[run.alive[pos]].last_checked != epoch]
             if unscored:
                 check(unscored, epoch, train_loss)
-            finished += done
-            if not finished:
-                continue
-            for pos in finished:
-                i = alive[pos]
-                if not has_best[i]:  # no valid score ever: the last state is what there is
+            for pos in finished + done:
+                i = run.alive[pos]
+                epochs[i] = epoch
+                if not tracks[i].has_best:  # no valid score ever: the last state is what there is
                     for k in best:
-                        best[k][i] = work[k][pos].detach()
-                results[i] = BatchedResult(best_score[i], best_epoch[i], epoch, 0.0)
-            keep = [pos for pos in range(len(alive)) if pos not in finished]
-            alive = [alive[pos] for pos in keep]
-            if alive:
-                index = torch.tensor(keep, device=device)
-                work = {k: v.detach()[index].requires_grad_(k in self.trainable) for k, v in work.items()}
-                moments = {k: (a[index], b[index]) for k, (a, b) in moments.items()}
+                        best[k][i] = run.work[k][pos].detach()
+            run.retire(finished + done)
 
         self.state = best
-        share = (time.time() - start) / count
-        for r in results:
-            assert r is not None
-            r.time_s = share
-        return results  # type: ignore[return-value]
+        share = (time.time() - start) / len(self.specs)
+        return [
+            BatchedResult(t.best_score, t.best_epoch, e, share) for t, e in zip(tracks, epochs, strict=True)
+        ]
+
+    def _train_epoch(
+        self, run: _Working, train: tuple[torch.Tensor, torch.Tensor], want_loss: bool
+    ) -> list[float]:
+        """One epoch of every working model, each on its own shuffle; their mean losses if `want_loss`."""
+        x, y = train
+        target = y.argmax(-1) if self.prediction_type == "multiclass" else y
+        n, batch_size = len(x), self.config.batch_size
+        # BatchNorm cannot train on a batch of one, so a lone last example is left out of the epoch.
+        drop_last = n % batch_size == 1 and n > 1
+        used = n - 1 if drop_last else n
+        orders = []
+        for i in run.alive:
+            self._emulate_loader_draw(i)  # the training DataLoader's iterator
+            generator = self.shufflers[i]
+            orders.append(torch.randperm(n, generator=generator))
+            if not drop_last and n % batch_size != 0:
+                # Lightning stops after len(loader) batches; only a last partial batch runs torch's
+                # RandomSampler to its end, where it draws one more (unused) permutation.
+                torch.randperm(n, generator=generator)
+        order = torch.stack(orders).to(self.device)
+        dropout = (
+            [self.specs[i].config.dropout for i in run.alive],
+            [self.dropout_generators[i] for i in run.alive],
+        )
+        lr = [self.specs[i].config.lr for i in run.alive]
+        loss_sum = torch.zeros(len(run.alive), device=self.device)
+        for first in range(0, used, batch_size):
+            index = order[:, first : first + batch_size]
+            losses = self._loss(self._forward(run.work, self._rows(x, index), True, dropout), target[index])
+            for k in self.trainable:
+                run.work[k].grad = None
+            losses.sum().backward()
+            run.step += 1
+            self._adam_step(run.work, run.moments, lr, run.step)
+            for k, v in run.work.items():  # nn.BatchNorm1d counts its training batches
+                if k.endswith("num_batches_tracked"):
+                    v += 1
+            if want_loss:  # Lightning's epoch mean of train_loss, weighted by batch size
+                loss_sum += losses.detach() * index.shape[1]
+        return (loss_sum / used).tolist() if want_loss else [math.nan] * len(run.alive)
 
     @torch.no_grad()
     def _adam_step(

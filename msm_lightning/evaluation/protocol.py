@@ -5,6 +5,13 @@ data split, pick the point with the best primary validation score, train it on t
 rotations), score every split's test set and average over splits. Seeds repeat the whole protocol; the
 result is the mean over seeds with a 95% t interval. One JSON and one Markdown table per model.
 
+The probes of one step (every seed's grid points on the first split, then every seed's chosen point on
+each other split) are independent runs on the same data, and by default they train together as one
+batched model (`--engine batched`, `batched_probe.py`, a plain PyTorch loop). On the CPU that reproduces
+one Lightning run per probe (`--engine single`, `probe.train_probe`) bit for bit (hidden sizes that are
+multiples of 16, as in every grid): same seeds, shuffling, initialisation, dropout masks, early stopping
+and kept states, hence the same scores.
+
 Differences from hear-eval-kit
 ------------------------------
 - Training data is shuffled every epoch. heareval intends to (`shuffle=True` when the split is "train")
@@ -20,8 +27,8 @@ Differences from hear-eval-kit
 - The best validation state is kept in memory (no checkpoint files); the test score uses it, as heareval
   tests its best checkpoint. A NaN validation score never counts as an improvement and does not stop
   training early.
-- Metrics are computed in numpy (no scikit-learn); values equal scikit-learn's. mAP gives a class without
-  positives an AP of 0 (current scikit-learn; older versions made the whole mAP NaN).
+- mAP gives a class without positives an AP of 0: the metrics make heareval's scikit-learn calls, and
+  scikit-learn >= 1.1 scores such a class 0 (heareval's pinned version made the whole mAP NaN).
 - A lone last example in a training epoch (n mod batch size = 1) is left out of that epoch: BatchNorm
   cannot train on a batch of one (heareval crashes there).
 - Event tasks follow heareval's timestamp protocol in `event_protocol.py` (its own differences there).
@@ -581,9 +588,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="RESULTS_DIR for <model>.json and <model>.md")
     p.add_argument("--name", help="model name in the results (default: the embedding folder's name)")
     p.add_argument("--max-epochs", type=int, help="override the grid's 500 epochs (and task-specific values)")
-    p.add_argument("--device", default="cpu", help="Lightning accelerator: cpu, cuda, mps or auto")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto (Lightning's accelerator names)")
     p.add_argument("--standardize", action="store_true", help="z-score embeddings with training statistics")
-    p.add_argument("--csv-logs", action="store_true", help="write Lightning CSV logs under RESULTS_DIR/logs")
+    p.add_argument(
+        "--csv-logs",
+        action="store_true",
+        help="a metrics.csv per probe under RESULTS_DIR/logs (Lightning's CSV logs with --engine single)",
+    )
     p.add_argument(
         "--threads", type=int, help="torch CPU threads (default: torch's; 1 is best on a busy machine)"
     )
