@@ -198,7 +198,7 @@ def test_grid_search_then_all_folds(emb):
 
 def test_standardizer_uses_training_statistics():
     train = torch.tensor([[1.0, 5.0], [3.0, 5.0]])
-    z = evaluate.standardizer(train)
+    z = evaluate.standardiser(train)
     assert torch.allclose(z(train), torch.tensor([[-0.7071, 0.0], [0.7071, 0.0]]), atol=1e-4)
     assert torch.allclose(
         z(torch.tensor([[2.0, 6.0]])), torch.tensor([[0.0, 1.0]])

@@ -151,10 +151,9 @@ def test_runs_on_gpu():
 
 
 def test_odd_sizes_match():
-    # Input and label sizes and a last partial batch that are no multiple of a vector width. (Hidden
-    # sizes are kept to multiples of 16, as the grids' 1024: then every model's slice of a stacked
-    # activation starts on a 64-byte boundary like a single probe's tensor, which BLAS can round by.)
-    config = ProbeConfig(max_epochs=10, batch_size=8, check_val_every_n_epoch=1, hidden_dim=16, lr=3e-3)
+    # Input, hidden and label sizes and a last partial batch that are no multiple of a vector width, so
+    # that every slice of a stacked tensor starts at an odd offset.
+    config = ProbeConfig(max_epochs=10, batch_size=8, check_val_every_n_epoch=1, hidden_dim=13, lr=3e-3)
     specs = [ProbeSpec(config, s) for s in (3, 4, 5)]
     assert_same_as_single(specs, n_train=29, dim=7, n_labels=5)
     assert_same_as_single(specs, n_train=29, prediction_type="multilabel", monitor="mAP", dim=7, n_labels=5)

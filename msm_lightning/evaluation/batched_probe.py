@@ -22,10 +22,13 @@ matmuls on the CPU (see below); BatchNorm keeps per-model statistics. Every mode
   batch with its best state and the others go on.
 
 On the CPU a batched run gives every model bit for bit the weights, BatchNorm statistics, scores and
-epochs of its train_probe run (tests/test_probe_batched.py). That takes care: every operation whose
-rounding could depend on the batch (matmuls, batch norms, losses, softmax) runs per model with a single
-probe's own kernel, and a model's slice of a stacked activation starts on a 64-byte boundary like a
-single probe's tensor when the hidden size is a multiple of 16 (every grid has 1024).
+epochs of its train_probe run (tests/test_probe_batched.py, also for odd sizes). That takes care: batched
+matmuls and batch norms round differently from single ones for some shapes (and Adam turns rounding noise
+in a gradient, e.g. the bias before a BatchNorm, whose true gradient is zero, into steps of the learning
+rate's size), so on the CPU each model's forward and backward are a single probe's own operations on its
+slices of the stacked weights, with its own activations; only the loop, Adam and the bookkeeping are
+shared. That costs nothing there: each model's matmuls are large enough, and its activations stay in
+cache. On accelerators the models run in batched kernels.
 """
 
 from __future__ import annotations
@@ -110,43 +113,36 @@ def group_specs(specs: Sequence[ProbeSpec], n_features: int, n_labels: int) -> l
     return out
 
 
-def _linear(
-    h: torch.Tensor | list[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor, per_model: bool
-) -> torch.Tensor:
-    """Linear layers of all models: inputs [M, B, in], M inputs [B, in] or one shared [B, in] -> [M, B, out].
+def _dropout_noise(h: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor | None:
+    """F.dropout's multiplier for h, drawn from `generator` as F.dropout draws on the CPU (None for p = 0).
 
-    `per_model`: one F.linear per model, the very kernels (and rounding) of a single probe, forward and
-    backward; otherwise one batched matmul.
+    F.dropout returns its input for p = 0 (no draw), multiplies by zero for p = 1, and otherwise fills a
+    tensor like its input with bernoulli_(1 - p) and divides it by 1 - p.
     """
-    if isinstance(h, torch.Tensor) and h.dim() == 2:
-        h = [h] * len(weight)
-    if per_model or isinstance(h, list):
-        inputs = h.unbind(0) if isinstance(h, torch.Tensor) else h
-        triples = zip(inputs, weight.unbind(0), bias.unbind(0), strict=True)
-        return torch.stack([F.linear(x, w, b) for x, w, b in triples])
+    if p == 0:
+        return None
+    if p == 1:
+        return torch.zeros_like(h)
+    return torch.empty_like(h).bernoulli_(1 - p, generator=generator).div_(1 - p)
+
+
+def _stacked_linear(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """All models' linear layers in one batched matmul: [M, B, in] or one shared [B, in] -> [M, B, out]."""
+    if h.dim() == 2:
+        h = h.expand(len(weight), *h.shape)
     return torch.baddbmm(bias.unsqueeze(1), h, weight.transpose(1, 2))
 
 
-def _batch_norm(
+def _stacked_batch_norm(
     h: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor,
     mean: torch.Tensor,
     var: torch.Tensor,
     training: bool,
-    per_model: bool,
 ) -> torch.Tensor:
-    """Per-model BatchNorm1d of [M, B, H]; the running statistics [M, H] are updated in place.
-
-    `per_model`: one F.batch_norm per model (a single probe's rounding); otherwise one batch norm of
-    [B, M*H], whose vectorised kernel rounds channels differently when H is no multiple of its width.
-    """
+    """Per-model BatchNorm1d of [M, B, H] as one of [B, M*H]; running statistics [M, H] updated in place."""
     m, b, d = h.shape
-    if per_model:
-        args = zip(h.unbind(0), mean, var, weight.unbind(0), bias.unbind(0), strict=True)
-        return torch.stack(
-            [F.batch_norm(x, rm, rv, w, bi, training, BN_MOMENTUM, BN_EPS) for x, rm, rv, w, bi in args]
-        )
     flat = h.transpose(0, 1).reshape(b, m * d)
     out = F.batch_norm(
         flat, mean.view(-1), var.view(-1), weight.reshape(-1), bias.reshape(-1), training, BN_MOMENTUM, BN_EPS
@@ -154,29 +150,11 @@ def _batch_norm(
     return out.view(b, m, d).transpose(0, 1)
 
 
-def _dropout_noise(
-    shape: torch.Size, ps: Sequence[float], generators: Sequence[torch.Generator], like: torch.Tensor
-) -> torch.Tensor:
-    """Per-model dropout multipliers [M, B, H], each model's drawn from its generator as F.dropout draws.
-
-    F.dropout on the CPU fills a [B, H] tensor with bernoulli_(1 - p) and divides it by 1 - p.
-    """
-    noise = torch.empty(shape, dtype=like.dtype, device=like.device)
-    for i, (p, generator) in enumerate(zip(ps, generators, strict=True)):
-        if p == 0:  # F.dropout returns its input and draws nothing
-            noise[i].fill_(1.0)
-        elif p == 1:
-            noise[i].zero_()
-        else:
-            noise[i].bernoulli_(1 - p, generator=generator).div_(1 - p)
-    return noise
-
-
 @dataclass
 class _Track:
     """One model's early stopping, as KeepBestState keeps it: strict improvement, NaN never improves."""
 
-    maximize: bool
+    maximise: bool
     patience: int
     best_score: float = math.nan
     best_epoch: int = 0
@@ -190,7 +168,7 @@ class _Track:
         improves = not math.isnan(score) and (
             not self.has_best
             or math.isnan(self.best_score)
-            or (score > self.best_score if self.maximize else score < self.best_score)
+            or (score > self.best_score if self.maximise else score < self.best_score)
         )
         if improves:
             self.best_score, self.best_epoch, self.wait, self.has_best = score, epoch, 0, True
@@ -263,9 +241,8 @@ class BatchedProbes:
         self.specs, self.prediction_type = list(specs), prediction_type
         self.config = specs[0].config
         self.device = resolve_device(accelerator)
-        # On the CPU, matmuls and batch norms run per model with a single probe's own kernels: batched
-        # kernels round differently for some shapes, and per-model calls cost nothing there (each is large
-        # enough, and its working set stays in cache). Accelerators take the batched kernels.
+        # On the CPU each model's forward and backward are a single probe's own operations (see the module
+        # docstring); accelerators take batched kernels.
         self.per_model = self.device.type == "cpu"
         states, self.dropout_generators = [], []
         for spec in specs:
@@ -304,24 +281,76 @@ class BatchedProbes:
         dropout: tuple[list[float], list[torch.Generator]] | None = None,
     ) -> torch.Tensor:
         """Logits [M, B, n_labels] of per-model inputs ([M, B, dim] or M [B, dim]) or one shared [B, dim]."""
-        h, per_model = x, self.per_model
+        count = len(state["projection.bias"])
+        ps, generators = dropout if dropout is not None else ([0.0] * count, [None] * count)
+        if not self.per_model:
+            stacked = x if isinstance(x, torch.Tensor) else torch.stack(x)
+            return self._stacked_forward(state, stacked, training, ps, generators)
+        inputs = [x] * count if isinstance(x, torch.Tensor) and x.dim() == 2 else list(x)
+        params = {k: v.unbind(0) for k, v in state.items()}
+        logits = [
+            self._one_forward(params, i, inputs[i], training, ps[i], generators[i]) for i in range(count)
+        ]
+        return torch.stack(logits)
+
+    def _one_forward(
+        self,
+        params: dict[str, tuple[torch.Tensor, ...]],
+        i: int,
+        x: torch.Tensor,
+        training: bool,
+        p: float,
+        generator: torch.Generator | None,
+    ) -> torch.Tensor:
+        """Model i's logits [B, n_labels]: ProbeMLP's own operations on its slices of the stacked state.
+
+        Its own tensors also keep every allocation as a single probe's (aligned, cache-sized), so BLAS and
+        the vectorised kernels round as they do there, and memory is reused rather than faulted in.
+        """
+        h = x
         for layer in range(self.config.hidden_layers):
             linear, norm = f"hidden.{4 * layer}", f"hidden.{4 * layer + 1}"
-            h = _linear(h, state[f"{linear}.weight"], state[f"{linear}.bias"], per_model)
+            h = F.linear(h, params[f"{linear}.weight"][i], params[f"{linear}.bias"][i])
+            if self.config.hidden_norm == "batchnorm":
+                mean, var = params[f"{norm}.running_mean"][i], params[f"{norm}.running_var"][i]
+                weight, bias = params[f"{norm}.weight"][i], params[f"{norm}.bias"][i]
+                h = F.batch_norm(
+                    h, mean, var, weight, bias, training, BN_MOMENTUM, BN_EPS
+                )  # updates in place
+            elif self.config.hidden_norm == "layernorm":
+                h = F.layer_norm(h, (h.shape[-1],), params[f"{norm}.weight"][i], params[f"{norm}.bias"][i])
+            noise = _dropout_noise(h, p, generator) if training else None
+            if noise is not None:
+                h = h * noise
+            h = F.relu(h)
+        return F.linear(h, params["projection.weight"][i], params["projection.bias"][i])
+
+    def _stacked_forward(
+        self,
+        state: dict[str, torch.Tensor],
+        x: torch.Tensor,
+        training: bool,
+        ps: list[float],
+        generators: list[torch.Generator | None],
+    ) -> torch.Tensor:
+        """All models' logits [M, B, n_labels] of inputs [M, B, dim] or shared [B, dim], batched kernels."""
+        h = x
+        for layer in range(self.config.hidden_layers):
+            linear, norm = f"hidden.{4 * layer}", f"hidden.{4 * layer + 1}"
+            h = _stacked_linear(h, state[f"{linear}.weight"], state[f"{linear}.bias"])
             if self.config.hidden_norm == "batchnorm":
                 running = state[f"{norm}.running_mean"], state[f"{norm}.running_var"]
-                h = _batch_norm(
-                    h, state[f"{norm}.weight"], state[f"{norm}.bias"], *running, training, per_model
-                )
-            elif self.config.hidden_norm == "layernorm":  # per model: F.layer_norm takes one [H] weight
-                weights, biases = state[f"{norm}.weight"].unbind(0), state[f"{norm}.bias"].unbind(0)
-                triples = zip(h.unbind(0), weights, biases, strict=True)
-                h = torch.stack([F.layer_norm(x, (x.shape[-1],), w, b) for x, w, b in triples])
-            # Dropout and ReLU in place: nothing before them needs their input for its backward.
-            if training and dropout is not None:
-                h = h.mul_(_dropout_noise(h.shape, *dropout, like=h))
-            h = F.relu_(h)
-        return _linear(h, state["projection.weight"], state["projection.bias"], per_model)
+                h = _stacked_batch_norm(h, state[f"{norm}.weight"], state[f"{norm}.bias"], *running, training)
+            elif self.config.hidden_norm == "layernorm":
+                weight, bias = state[f"{norm}.weight"].unsqueeze(1), state[f"{norm}.bias"].unsqueeze(1)
+                h = F.layer_norm(h, (h.shape[-1],)) * weight + bias
+            if training:
+                noise = [
+                    _dropout_noise(h[i], p, g) for i, (p, g) in enumerate(zip(ps, generators, strict=True))
+                ]
+                h = h * torch.stack([torch.ones_like(h[i]) if n is None else n for i, n in enumerate(noise)])
+            h = F.relu(h)
+        return _stacked_linear(h, state["projection.weight"], state["projection.bias"])
 
     def _rows(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         """Each model's batch rows x[index[i]] as [M, B, dim]; on the CPU a list of M separate tensors.

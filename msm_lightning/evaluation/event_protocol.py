@@ -60,7 +60,7 @@ from msm_lightning.evaluation.protocol import (
     Echo,
     describe,
     grid_configs,
-    standardizer,
+    standardiser,
     summarise,
     varying,
 )
@@ -134,8 +134,8 @@ def train_event_probe(
     torch.manual_seed(seed)  # initialisation and dropout; the shuffling order has its own generator
     generator = torch.Generator().manual_seed(seed)
     module = EventProbeModule(train[0].shape[1], train[1].shape[1], prediction_type, config, scorer, metric)
-    maximize = scorer is not None and event_metric(metric).maximize
-    keeper = KeepBestState(maximize=maximize, patience=config.patience)
+    maximise = scorer is not None and event_metric(metric).maximise
+    keeper = KeepBestState(maximise=maximise, patience=config.patience)
     valid_loader = batches(*valid, config.batch_size)
     with quiet_lightning():
         trainer = L.Trainer(
@@ -175,7 +175,7 @@ def run_event_seed(
     seed: int,
     grid_points: int,
     accelerator: str = "cpu",
-    standardize: bool = False,
+    standardise: bool = False,
     log_dir: Path | None = None,
     echo: Echo = print,
 ) -> dict[str, Any]:
@@ -184,7 +184,7 @@ def run_event_seed(
     configs = grid_configs(grid, seed, grid_points)
     primary = task.metrics[0]
     scoring = task.metadata.get("use_scoring_for_early_stopping", True)
-    maximize = event_metric(primary).maximize if scoring else False
+    maximise = event_metric(primary).maximise if scoring else False
     points = postprocessing_grid(task.metadata)
     shown = varying(grid)
 
@@ -193,8 +193,8 @@ def run_event_seed(
 
     def fit(config: ProbeConfig, j: int, split: dict[str, list[str]], tag: str) -> dict[str, Any]:
         train, valid, test = (task.gather(split[k]) for k in ("train", "valid", "test"))
-        if standardize:
-            z = standardizer(train[0])
+        if standardise:
+            z = standardiser(train[0])
             train, valid, test = ((z(x), y) for x, y in (train, valid, test))
         valid_scorer = scorer(task.gather_frames(split["valid"]))
         logger: Any = False
@@ -239,7 +239,7 @@ def run_event_seed(
 
     def rank(i: int) -> tuple[bool, float]:
         score = grid_runs[i]["result"].val_score
-        return math.isnan(score), -score if maximize else score
+        return math.isnan(score), -score if maximise else score
 
     # min() keeps the first of equal ranks: a tie goes to the earlier grid point, as in heareval's sort.
     best_i = min(range(len(configs)), key=rank)
@@ -295,7 +295,7 @@ def evaluate_event_task(
     seeds: list[int],
     grid_points: int = 8,
     accelerator: str = "cpu",
-    standardize: bool = False,
+    standardise: bool = False,
     log_dir: Path | None = None,
     echo: Echo = print,
     protocol: dict[str, Any] | None = None,
@@ -320,13 +320,13 @@ def evaluate_event_task(
         grid,
         grid_points=grid_points,
         accelerator=accelerator,
-        standardize=standardize,
+        standardise=standardise,
         log_dir=log_dir,
         echo=echo,
     )
     runs = list(pool.map(one_seed, seeds)) if pool is not None else [one_seed(s) for s in seeds]
     entry = summarise(task, runs, {**(protocol or {}), "grid_values": grid})
-    entry["higher_is_better"] = event_metric(task.metrics[0]).maximize
+    entry["higher_is_better"] = event_metric(task.metrics[0]).maximise
     entry["postprocessing_grid"] = [dict(p) for p in postprocessing_grid(task.metadata)]
     entry["chosen_postprocessing"] = [[s["postprocessing"] for s in r["splits"]] for r in runs]
     return entry

@@ -58,7 +58,7 @@ class EventMetric:
 
     name: str
     segment_based: bool  # SegmentBasedMetrics (error rate) rather than EventBasedMetrics (F-measure)
-    maximize: bool
+    maximise: bool
     t_collar: float = 0.2  # seconds
     evaluate_offset: bool = False
     percentage_of_length: float = 0.5
@@ -74,17 +74,17 @@ class EventMetric:
 EVENT_METRICS: dict[str, EventMetric] = {
     m.name: m
     for m in (
-        EventMetric("event_onset_200ms_fms", segment_based=False, maximize=True, t_collar=0.2),
-        EventMetric("event_onset_50ms_fms", segment_based=False, maximize=True, t_collar=0.05),
+        EventMetric("event_onset_200ms_fms", segment_based=False, maximise=True, t_collar=0.2),
+        EventMetric("event_onset_50ms_fms", segment_based=False, maximise=True, t_collar=0.05),
         EventMetric(
             "event_onset_offset_50ms_20perc_fms",
             segment_based=False,
-            maximize=True,
+            maximise=True,
             t_collar=0.05,
             evaluate_offset=True,
             percentage_of_length=0.2,
         ),
-        EventMetric("segment_1s_er", segment_based=True, maximize=False, time_resolution=1.0),
+        EventMetric("segment_1s_er", segment_based=True, maximise=False, time_resolution=1.0),
     )
 }
 
@@ -314,7 +314,7 @@ class EventScorer:
         (score, point) pairs in reverse, points being tuples of (name, value) pairs). Unlike heareval, an
         error rate is minimised (its reverse sort would keep the highest; no HEAR task has one as primary).
         """
-        sign = 1.0 if event_metric(metric).maximize else -1.0
+        sign = 1.0 if event_metric(metric).maximise else -1.0
         scored = []
         for point in self.grid:
             value = event_score(metric, self.events(probs, point), self.reference, self.labels, True)

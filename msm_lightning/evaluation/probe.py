@@ -137,9 +137,9 @@ class KeepBestState(L.Callback):
     never improves but does not stop training either.
     """
 
-    def __init__(self, maximize: bool, patience: int) -> None:
+    def __init__(self, maximise: bool, patience: int) -> None:
         super().__init__()
-        self.maximize, self.patience = maximize, patience
+        self.maximise, self.patience = maximise, patience
         self.best_score = math.nan
         self.best_epoch = 0  # epochs trained when the best state was taken
         self.best_state: dict[str, torch.Tensor] | None = None
@@ -151,7 +151,7 @@ class KeepBestState(L.Callback):
             return False
         if self.best_state is None or math.isnan(self.best_score):
             return True
-        return score > self.best_score if self.maximize else score < self.best_score
+        return score > self.best_score if self.maximise else score < self.best_score
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Count finished epochs (validation of an epoch runs before this hook)."""
@@ -240,7 +240,7 @@ def train_probe(
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     module = ProbeModule(train[0].shape[1], train[1].shape[1], prediction_type, config, monitor)
-    keeper = KeepBestState(maximize=monitor is not None, patience=config.patience)
+    keeper = KeepBestState(maximise=monitor is not None, patience=config.patience)
     valid_loader = batches(*valid, config.batch_size)
     with quiet_lightning():
         trainer = L.Trainer(

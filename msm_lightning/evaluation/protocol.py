@@ -8,9 +8,8 @@ result is the mean over seeds with a 95% t interval. One JSON and one Markdown t
 The probes of one step (every seed's grid points on the first split, then every seed's chosen point on
 each other split) are independent runs on the same data, and by default they train together as one
 batched model (`--engine batched`, `batched_probe.py`, a plain PyTorch loop). On the CPU that reproduces
-one Lightning run per probe (`--engine single`, `probe.train_probe`) bit for bit (hidden sizes that are
-multiples of 16, as in every grid): same seeds, shuffling, initialisation, dropout masks, early stopping
-and kept states, hence the same scores.
+one Lightning run per probe (`--engine single`, `probe.train_probe`) bit for bit: same seeds, shuffling,
+initialisation, dropout masks, early stopping and kept states, hence the same scores.
 
 Differences from hear-eval-kit
 ------------------------------
@@ -119,7 +118,7 @@ class ProtocolSettings:
     grid: str = "restricted"  # a key of GRIDS
     grid_points: int = 8
     max_epochs: int | None = None  # overrides the grid's (and the task's) epochs when set
-    standardize: bool = False
+    standardise: bool = False
     device: str = "cpu"  # Lightning accelerator
     engine: str = "batched"  # a key of engines.ENGINES
 
@@ -129,7 +128,7 @@ class ProtocolSettings:
             "grid": self.grid,
             "grid_values": grid_values,
             "grid_points": self.grid_points,
-            "standardize": self.standardize,
+            "standardize": self.standardise,
             "device": self.device,
             "engine": self.engine,
         }
@@ -173,7 +172,7 @@ def describe(config: ProbeConfig, keys: list[str]) -> str:
     )
 
 
-def standardizer(x_train: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+def standardiser(x_train: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     """z-scoring with the training rows' mean and standard deviation (constant columns left unscaled)."""
     mean, std = x_train.mean(0), x_train.std(0)
     std = torch.where(std > 0, std, torch.ones_like(std))
@@ -191,11 +190,11 @@ def monitored_metric(task: TaskData) -> str | None:
     return task.metrics[0] if task.metadata.get("use_scoring_for_early_stopping", True) else None
 
 
-def split_data(task: TaskData, split: dict[str, list[str]], standardize: bool) -> tuple[Split, Split, Split]:
+def split_data(task: TaskData, split: dict[str, list[str]], standardise: bool) -> tuple[Split, Split, Split]:
     """A data split's train, valid and test rows, z-scored with training statistics when asked."""
     train, valid, test = (task.gather(split[k]) for k in ("train", "valid", "test"))
-    if standardize:
-        z = standardizer(train[0])
+    if standardise:
+        z = standardiser(train[0])
         train, valid, test = ((z(x), y) for x, y in (train, valid, test))
     return train, valid, test
 
@@ -216,7 +215,7 @@ def run_seeds(
     seeds: list[int],
     grid_points: int,
     accelerator: str = "cpu",
-    standardize: bool = False,
+    standardise: bool = False,
     log_dir: Path | None = None,
     echo: Echo = print,
     engine: str = "batched",
@@ -233,7 +232,7 @@ def run_seeds(
     shown = varying(grid)
 
     def train_step(j: int, jobs: list[ProbeJob]) -> list[tuple[ProbeOutcome, dict[str, float]]]:
-        data = split_data(task, splits[j], standardize)
+        data = split_data(task, splits[j], standardise)
         outcomes = train_jobs(
             jobs,
             data,
@@ -321,13 +320,13 @@ def run_seed(
     seed: int,
     grid_points: int,
     accelerator: str = "cpu",
-    standardize: bool = False,
+    standardise: bool = False,
     log_dir: Path | None = None,
     echo: Echo = print,
     engine: str = "batched",
 ) -> dict[str, Any]:
     """One seed of the protocol (`run_seeds` for a single seed)."""
-    return run_seeds(task, grid, [seed], grid_points, accelerator, standardize, log_dir, echo, engine)[0]
+    return run_seeds(task, grid, [seed], grid_points, accelerator, standardise, log_dir, echo, engine)[0]
 
 
 def summarise(task: TaskData, runs: list[dict[str, Any]], protocol: dict[str, Any]) -> dict[str, Any]:
@@ -367,7 +366,7 @@ def evaluate_task(
     seeds: list[int],
     grid_points: int = 8,
     accelerator: str = "cpu",
-    standardize: bool = False,
+    standardise: bool = False,
     log_dir: Path | None = None,
     echo: Echo = print,
     protocol: dict[str, Any] | None = None,
@@ -394,7 +393,7 @@ def evaluate_task(
         grid,
         grid_points=grid_points,
         accelerator=accelerator,
-        standardize=standardize,
+        standardise=standardise,
         log_dir=log_dir,
         echo=echo,
         engine=engine,
@@ -554,7 +553,7 @@ def evaluate_all(
             seeds=seeds,
             grid_points=protocol.grid_points,
             accelerator=protocol.device,
-            standardize=protocol.standardize,
+            standardise=protocol.standardise,
             log_dir=out / "logs" / model if csv_logs else None,
             echo=echo,
             protocol=protocol.record(grid),
@@ -589,7 +588,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="model name in the results (default: the embedding folder's name)")
     p.add_argument("--max-epochs", type=int, help="override the grid's 500 epochs (and task-specific values)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto (Lightning's accelerator names)")
-    p.add_argument("--standardize", action="store_true", help="z-score embeddings with training statistics")
+    p.add_argument(
+        "--standardise",
+        "--standardize",
+        dest="standardise",
+        action="store_true",
+        help="z-score embeddings with training statistics",
+    )
     p.add_argument(
         "--csv-logs",
         action="store_true",
@@ -627,7 +632,7 @@ def main(argv: list[str]) -> None:
     model = args.name or (emb.parent.name if (emb / "task_metadata.json").is_file() else emb.name)
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     protocol = ProtocolSettings(
-        args.grid, args.grid_points, args.max_epochs, args.standardize, args.device, args.engine
+        args.grid, args.grid_points, args.max_epochs, args.standardise, args.device, args.engine
     )
     workers = min(args.workers, len(seeds))
     with seed_pool(workers, args.threads) as pool:
