@@ -16,11 +16,12 @@ The `log-mel` row reads the targets back from the raw 64-value patch itself (the
 linear map from one patch's worth of numbers). A pitch-specific read-back completes the table: ridge
 probes on the note clips' embedding averaged over the 50 time steps of their 2 s chunk (the 5 frequency
 patches of each step concatenated, as `msm_lightning.hear` does) to the MIDI pitch (R²), the pitch (61
-classes, accuracy) and the pitch class (12 classes, accuracy), same splits; the `log-mel` row uses the
-mean log-mel frame. The two accuracies are also given with only 64 train and 64 valid clips (the size of
-`msm benchmark`'s task subsets; mean over 10 draws).
+classes, accuracy) and the pitch class (12 classes, accuracy), same splits. The `log-mel` row probes the
+mean log-mel frame; the `log-mel envelope only` and `log-mel fine only` rows the mean of one part, which
+shows which part carries the pitch. The accuracies are also given with only 64 train and 64 valid clips
+(the size of `msm benchmark`'s task subsets; mean over 10 draws).
 
-    python bench/fine_structure.py --data data/real --run runs/budget --steps 250 1000
+    python bench/fine_structure.py --data data/real --run runs/budget --steps 250 500
     python bench/fine_structure.py --data data/real --models random:transformer runs/benchmark/bundles/ssast-t
 """
 
@@ -74,7 +75,7 @@ class Features:
     patch_split: list[str]  # the split of each patch's clip
     clip_split: list[str]
     scene: torch.Tensor  # [clips, freq_patches * d]: tokens averaged over time
-    mean_frame: torch.Tensor  # [clips, mels]: the log-mel averaged over time
+    mean_frames: dict[str, torch.Tensor]  # target name -> [clips, mels]: averaged over time
 
 
 def dct_basis(n: int, k: int) -> torch.Tensor:
@@ -128,8 +129,9 @@ def corpus_clips(manifest: Path, count: int, seed: int) -> ClipSet:
 
 def features(hear: HearModel, clips: ClipSet, coeffs: int) -> Features:
     """Tokens, targets and clip embeddings of the first full chunk of every clip."""
-    tokens, scene, mean_frame, patch_split = [], [], [], []
+    tokens, scene, patch_split = [], [], []
     targets: dict[str, list[torch.Tensor]] = {name: [] for name in TARGETS}
+    mean_frames: dict[str, list[torch.Tensor]] = {name: [] for name in TARGETS}
     freq_patches = hear.model.grid[1]
     for audio, split in zip(clips.audio, clips.splits, strict=True):
         spec = hear.spectrogram(audio[None])[0]  # [frames, mels], normalised over the whole clip
@@ -144,16 +146,16 @@ def features(hear: HearModel, clips: ClipSet, coeffs: int) -> Features:
         for name, part in parts.items():
             crop = part[None, None, : chunks.shape[2]]
             targets[name].append(patchify(crop, hear.model.patch_size)[0])
+            mean_frames[name].append(crop[0, 0].mean(0))
         steps = chunk_tokens.reshape(-1, freq_patches * chunk_tokens.shape[-1])  # time-major tokens
         scene.append(steps.mean(0))
-        mean_frame.append(chunks[0, 0].mean(0))
     return Features(
         tokens=torch.cat(tokens).double(),
         targets={name: torch.cat(parts).double() for name, parts in targets.items()},
         patch_split=patch_split,
         clip_split=list(clips.splits),
         scene=torch.stack(scene).double(),
-        mean_frame=torch.stack(mean_frame).double(),
+        mean_frames={name: torch.stack(frames).double() for name, frames in mean_frames.items()},
     )
 
 
@@ -225,21 +227,25 @@ def one_hot(labels: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.one_hot(index, len(values)).double()
 
 
-def scores(feats: dict[str, Features], pitches: torch.Tensor, from_tokens: bool) -> dict[str, float]:
-    """Read-back R² per clip set and target, and the pitch probes, from the tokens or from the raw patch."""
+def readback_scores(feats: dict[str, Features], from_tokens: bool) -> dict[str, float]:
+    """Read-back R² per clip set and target, from the tokens or from the raw patch."""
     out = {}
     for set_name, f in feats.items():
         x = f.tokens if from_tokens else f.targets["patch"]
         for target in TARGETS:
             out[f"{set_name} {target}"] = probe_score(x, f.targets[target], f.patch_split, r2)
-    note = feats["note"]
-    x = note.scene if from_tokens else note.mean_frame
-    out["pitch R²"] = probe_score(x, pitches[:, None].double(), note.clip_split, r2)
-    out["pitch acc"] = probe_score(x, one_hot(pitches), note.clip_split, accuracy)
-    out["chroma acc"] = probe_score(x, one_hot(pitches % 12), note.clip_split, accuracy)
-    out[f"pitch acc, {SMALL_FIT} fit"] = small_fit_score(x, one_hot(pitches), note.clip_split, accuracy)
-    out[f"chroma acc, {SMALL_FIT} fit"] = small_fit_score(x, one_hot(pitches % 12), note.clip_split, accuracy)
     return out
+
+
+def pitch_scores(x: torch.Tensor, pitches: torch.Tensor, splits: Sequence[str]) -> dict[str, float]:
+    """The pitch probes from clip embeddings [clips, dims] of the note clips."""
+    return {
+        "pitch R²": probe_score(x, pitches[:, None].double(), splits, r2),
+        "pitch acc": probe_score(x, one_hot(pitches), splits, accuracy),
+        "chroma acc": probe_score(x, one_hot(pitches % 12), splits, accuracy),
+        f"pitch acc, {SMALL_FIT} fit": small_fit_score(x, one_hot(pitches), splits, accuracy),
+        f"chroma acc, {SMALL_FIT} fit": small_fit_score(x, one_hot(pitches % 12), splits, accuracy),
+    }
 
 
 def fine_share(f: Features) -> float:
@@ -276,10 +282,12 @@ def run_models(run: Path, families: Sequence[str], steps: Sequence[int] | None) 
 
 
 def fmt_table(rows: list[tuple[str, dict[str, float]]]) -> str:
-    """Markdown table, one row per model."""
-    cols = list(rows[0][1])
+    """Markdown table, one row per model; "-" where a row has no such score."""
+    cols = list(dict.fromkeys(c for _, values in rows for c in values))
     lines = ["| model | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
-    lines += [f"| {label} | " + " | ".join(f"{v[c]:.3f}" for c in cols) + " |" for label, v in rows]
+    for label, values in rows:
+        cells = [f"{values[c]:.3f}" if c in values else "-" for c in cols]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -320,10 +328,17 @@ def main() -> None:
     for i, (label, model_arg) in enumerate(models):
         hear = load_hear(model_arg)
         feats = {c.name: features(hear, c, args.envelope_coeffs) for c in (note, corpus)}
-        if i == 0:  # the frontend is the same for every model here, so the log-mel row is computed once
-            rows.append(("log-mel (raw patch)", scores(feats, pitches, from_tokens=False)))
+        note_feats = feats["note"]
+        if i == 0:  # the frontend is the same for every model here, so the log-mel rows are computed once
+            logmel = pitch_scores(note_feats.mean_frames["patch"], pitches, note_feats.clip_split)
+            rows.append(("log-mel (raw patch)", readback_scores(feats, from_tokens=False) | logmel))
+            # Pitch from each part of the mean frame alone: shows which part carries the pitch.
+            for part in ("envelope", "fine"):
+                part_scores = pitch_scores(note_feats.mean_frames[part], pitches, note_feats.clip_split)
+                rows.append((f"log-mel {part} only", part_scores))
             shares = {name: fine_share(f) for name, f in feats.items()}
-        rows.append((label, scores(feats, pitches, from_tokens=True)))
+        embedding = pitch_scores(note_feats.scene, pitches, note_feats.clip_split)
+        rows.append((label, readback_scores(feats, from_tokens=True) | embedding))
         print(f"{label}: done", file=sys.stderr, flush=True)
     print(
         f"{len(note.audio)} note clips ({' / '.join(map(str, args.note_clips))} train / valid / test), "
