@@ -64,11 +64,13 @@ def outcome(out: Path) -> dict:
     }
 
 
-def per_epoch_ms(emb: Path, task_name: str, epochs: int, singles: int) -> dict:
+def per_epoch_ms(emb: Path, task_name: str, epochs: int, singles: int, profile: bool = False) -> dict:
     """CPU milliseconds per probe and epoch of both engines on one task's grid search (10 seeds x 2 points).
 
     In this process, one thread: `singles` of the 20 probes through `train_probe` (Lightning), all 20 as
     one batch; each probe runs `epochs` epochs at most (early stopping stays on, the same in both).
+    `profile`: also the batched run's busiest operations (torch.profiler's self time, scaled to the run's
+    CPU time) in milliseconds per probe epoch.
     """
     import logging
     import warnings
@@ -92,16 +94,23 @@ def per_epoch_ms(emb: Path, task_name: str, epochs: int, singles: int) -> dict:
         result = train_probe(train, valid, task.prediction_type, spec.config, monitor, spec.seed)
         single_epochs += result.epochs_trained
     single = (time.process_time() - start) / single_epochs * 1e3
+    probes = BatchedProbes(specs, task.dim, task.n_labels, task.prediction_type)
     start = time.process_time()
-    fits = BatchedProbes(specs, task.dim, task.n_labels, task.prediction_type).fit(train, valid, monitor)
-    batched = (time.process_time() - start) / sum(f.epochs_trained for f in fits) * 1e3
-    return {
-        "task": task_name,
-        "train_rows": len(train[0]),
-        "dim": task.dim,
-        "single": single,
-        "batched": batched,
-    }
+    fits = probes.fit(train, valid, monitor)
+    model_epochs = sum(f.epochs_trained for f in fits)
+    batched = (time.process_time() - start) / model_epochs * 1e3
+    ops = {}
+    if profile:  # a second, profiled run of the same batch: the profiler's overhead stays out of `batched`
+        probes = BatchedProbes(specs, task.dim, task.n_labels, task.prediction_type)
+        start = time.process_time()
+        with torch.profiler.profile() as prof:
+            probes.fit(train, valid, monitor)
+        scale = (time.process_time() - start) * 1e3 / model_epochs
+        events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+        total = sum(e.self_cpu_time_total for e in events)
+        ops = {e.key: e.self_cpu_time_total / total * scale for e in events[:8]}
+    sizes = {"task": task_name, "train_rows": len(train[0]), "dim": task.dim}
+    return {**sizes, "single": single, "batched": batched, "batched_ops_ms": ops}
 
 
 def main() -> None:
@@ -120,6 +129,7 @@ def main() -> None:
         help="also measure CPU ms per probe epoch of both engines on these tasks' grid search (in-process)",
     )
     ap.add_argument("--per-epoch-epochs", type=int, default=60, help="epochs per probe for --per-epoch (60)")
+    ap.add_argument("--profile", action="store_true", help="with --per-epoch: the batched run's busiest ops")
     args = ap.parse_args()
 
     rows, records = [], []
@@ -159,11 +169,13 @@ def main() -> None:
     for emb in args.embeddings:
         name = emb.parent.name if emb.name.startswith("hear_modules") else emb.name
         for task in args.per_epoch:
-            cost = {"embedder": name, **per_epoch_ms(emb, task, args.per_epoch_epochs, singles=4)}
+            cost = {"embedder": name, **per_epoch_ms(emb, task, args.per_epoch_epochs, 4, args.profile)}
             costs.append(cost)
             print(
                 f"{name} {task}: {cost['single']:.2f} / {cost['batched']:.2f} ms per probe epoch", flush=True
             )
+            for op, ms in cost["batched_ops_ms"].items():
+                print(f"    {op}: {ms:.2f} ms", flush=True)
     if costs:
         table += "\n| embedder | task | train rows x dim | single (ms) | batched (ms) | ratio |\n"
         table += "|---|---|---|---:|---:|---:|\n"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -27,7 +28,6 @@ from msm_lightning.pipelines.budget import (
     run_budget,
 )
 from msm_lightning.pipelines.cli import budget_settings
-from msm_lightning.pipelines.runs import StageLog
 from msm_lightning.pipelines.stages import step_checkpoint
 
 TASKS = ["task_a", "task_b", "task_c"]
@@ -79,18 +79,45 @@ def test_first_step_that_beats_a_majority_of_tasks(tmp_path):
     assert first_beating(curve, data.comparison.scores["log-mel"], TASKS) is None
 
     pretrain = tmp_path / "pretrain"
-    log = StageLog(pretrain / budget.PRETRAIN_LOG, "budget", {})
-    log.ran("pretrain mamba", 600.0, attempt={"from_step": 250, "to_step": 500})
-    log.ran("pretrain mamba", 1200.0, attempt={"from_step": 500, "to_step": 1000})
+    # Two fits in the run folder's Lightning logs: steps 0-500 in 10 min, then 500-1000 in 30 min.
+    _fit_log(pretrain / "mamba", 0, first=9, last=499, start=1000.0, seconds=600.0)
+    _fit_log(pretrain / "mamba", 1, first=509, last=999, start=5000.0, seconds=1800.0)
     step_checkpoint(pretrain / "mamba", 1000).parent.mkdir(parents=True)
     step_checkpoint(pretrain / "mamba", 1000).touch()
     table = budget_table(data, ["mamba"], pretrain, 8000, 10)
-    # 250 steps before the recorded rounds, estimated at their 2.4 s/step: 600 + 600 = 20 min.
-    assert "| SSAM-T | 500 steps (≈ 20.0 min) | not within 1000 steps | 1000 steps |" in table
-    assert "| SSAM-T-step500 | 500 | ≈ 20.0 min | 2 / 0 | 0 / 3 |" in table
+    assert (
+        "| SSAM-T | 500 steps (10.0 min) | not within 1000 steps (40.0 min) | 1000 steps (40.0 min) |"
+        in table
+    )
+    assert "| SSAM-T-step500 | 500 | 10.0 min | 2 / 0 | 0 / 3 |" in table
+    assert "| SSAM-T-step1000 | 1000 | 40.0 min | 3 / 0 | 0 / 3 |" in table
     assert "at least 2 of the 3 tasks" in table
     budget.plot_curves(data, ["mamba"], [250, 500, 1000, 2000], tmp_path / "curves.png")
     assert (tmp_path / "curves.png").read_bytes().startswith(b"\x89PNG")
+
+
+def _fit_log(root: Path, version: int, *, first: int, last: int, start: float, seconds: float) -> None:
+    """A fit's Lightning log folder: its config written at `start`, its metrics `seconds` later."""
+    folder = root / "logs" / f"version_{version}"
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text("model: {}\n")
+    rows = "".join(f",{step},0.5\n" for step in range(first, last + 1, 10))
+    (folder / "metrics.csv").write_text("lr-AdamW/pg1,step,train/loss_step\n" + rows + f",{last},0.5\n")
+    os.utime(folder / "config.yaml", (start, start))
+    os.utime(folder / "metrics.csv", (start + seconds, start + seconds))
+
+
+def test_fit_rounds_from_lightning_logs(tmp_path):
+    _fit_log(tmp_path, 0, first=9, last=249, start=0.0, seconds=100.0)
+    _fit_log(tmp_path, 1, first=259, last=479, start=500.0, seconds=90.0)  # crashed after step 480
+    # Resumed from step 250: it starts at its first logged step (logs come every 10 steps).
+    _fit_log(tmp_path, 10, first=259, last=499, start=900.0, seconds=110.0)
+    assert budget.fit_rounds(tmp_path) == [
+        {"from_step": 0, "to_step": 250, "seconds": 100.0},
+        {"from_step": 250, "to_step": 480, "seconds": 90.0},
+        {"from_step": 259, "to_step": 500, "seconds": 110.0},
+    ]
+    assert budget.fit_rounds(tmp_path / "none") == []
 
 
 def test_pretraining_wall_time_from_recorded_rounds():
@@ -234,7 +261,7 @@ def test_pipeline_pretrains_round_robin_evaluates_each_target_and_reruns_skip(se
         *(f"{m}-step{st}" for m in ("SSAST-T", "SSAM-T") for st in (250, 500, 1000)),
     }
     table = (run / budget.TABLE_FILE).read_text()
-    assert "| SSAM-T | 500 steps (" in table and "| SSAST-T | 1000 steps (" in table
+    assert "| SSAM-T | 500 steps |" in table and "| SSAST-T | 1000 steps |" in table  # no fit logs here
     assert (run / budget.CURVES_FILE).stat().st_size > 0
     pretrain_log = json.loads((settings.pretrain_dir / budget.PRETRAIN_LOG).read_text())
     attempts = pretrain_log["stages"]["pretrain mamba"]["attempts"]

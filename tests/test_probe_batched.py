@@ -135,6 +135,23 @@ def test_batches_group_by_shape_and_respect_memory():
     assert group_specs(huge, n_features=200_000, n_labels=3) == [[0], [1], [2]]  # 4 GiB per batch
 
 
+@pytest.mark.parametrize("norm", ["batchnorm", "layernorm", "none"])
+def test_batched_kernels_agree_to_rounding(norm):
+    # The accelerators' path (batched matmuls and batch norms), run on the CPU: the same epochs, and
+    # predictions equal up to rounding (which Adam amplifies in the bias before a BatchNorm).
+    config = ProbeConfig(max_epochs=30, batch_size=16, hidden_dim=32, hidden_layers=2, hidden_norm=norm)
+    specs = [ProbeSpec(config, s) for s in (0, 1, 2)]
+    train, valid, test = (toy_split(n, 6, 4, False, seed) for seed, n in enumerate((40, 23, 17)))
+    probes = BatchedProbes(specs, 6, 4, "multiclass")
+    probes.per_model = False
+    fits = probes.fit(train, valid, "top1_acc")
+    probs = probes.predict(test[0])
+    for i, spec in enumerate(specs):
+        single = train_probe(train, valid, "multiclass", config, "top1_acc", spec.seed)
+        assert (fits[i].best_epoch, fits[i].epochs_trained) == (single.best_epoch, single.epochs_trained)
+        np.testing.assert_allclose(probs[i], predict(single.module, test[0]), atol=2e-3)
+
+
 def test_devices():
     assert resolve_device("cpu").type == "cpu"
     assert resolve_device("gpu").type == "cuda"

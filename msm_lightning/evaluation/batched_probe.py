@@ -182,39 +182,46 @@ class _Track:
         return self.wait >= self.patience
 
 
+Params = dict[str, list[torch.Tensor]]  # state-dict name -> one tensor per model
+
+
 @dataclass
 class _Working:
-    """The models still training: their stacked state, Adam moments, original indices and step count."""
+    """The models still training: views of their slices of the stacked state, and their Adam moments.
 
-    alive: list[int]
-    work: dict[str, torch.Tensor]
-    moments: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    Each trainable view is a leaf of its own, so every model gets its own gradient tensor (a stacked
+    gradient would be one more copy of all weights per step) and Adam updates the stacked state in place.
+    """
+
+    alive: list[int]  # original indices
+    params: Params  # per name: the alive models' views of the working state
+    moments: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]]
     trainable: list[str]
     step: int = 0
 
     @staticmethod
     def start(state: dict[str, torch.Tensor], trainable: list[str]) -> _Working:
-        """All models, from their initial state, with zero Adam moments."""
-        work = {k: v.clone().requires_grad_(k in trainable) for k, v in state.items()}
-        moments = {k: (torch.zeros_like(work[k]), torch.zeros_like(work[k])) for k in trainable}
-        return _Working(list(range(len(next(iter(state.values()))))), work, moments, trainable)
+        """All models, from a copy of the stacked state, with zero Adam moments."""
+        work = {k: v.clone() for k, v in state.items()}
+        params = {k: [t.requires_grad_(k in trainable) for t in v.unbind(0)] for k, v in work.items()}
+        moments = {
+            k: ([torch.zeros_like(t) for t in params[k]], [torch.zeros_like(t) for t in params[k]])
+            for k in trainable
+        }
+        return _Working(list(range(len(state["projection.bias"]))), params, moments, trainable)
 
-    def detached(self) -> dict[str, torch.Tensor]:
-        """The working state without autograd history."""
-        return {k: v.detach() for k, v in self.work.items()}
+    def detached(self) -> Params:
+        """The working models' tensors without autograd."""
+        return {k: [t.detach() for t in v] for k, v in self.params.items()}
 
     def retire(self, positions: list[int]) -> None:
-        """Drop finished models (positions in the working set) from every tensor."""
-        if not positions:
-            return
+        """Drop finished models (positions in the working set)."""
         keep = [pos for pos in range(len(self.alive)) if pos not in positions]
         self.alive = [self.alive[pos] for pos in keep]
-        if self.alive:
-            index = torch.tensor(keep, device=next(iter(self.work.values())).device)
-            self.work = {
-                k: v.detach()[index].requires_grad_(k in self.trainable) for k, v in self.work.items()
-            }
-            self.moments = {k: (a[index], b[index]) for k, (a, b) in self.moments.items()}
+        self.params = {k: [v[pos] for pos in keep] for k, v in self.params.items()}
+        self.moments = {
+            k: ([a[pos] for pos in keep], [b[pos] for pos in keep]) for k, (a, b) in self.moments.items()
+        }
 
 
 class BatchedProbes:
@@ -275,19 +282,24 @@ class BatchedProbes:
 
     def _forward(
         self,
-        state: dict[str, torch.Tensor],
+        params: Params,
         x: torch.Tensor | list[torch.Tensor],
         training: bool,
         dropout: tuple[list[float], list[torch.Generator]] | None = None,
     ) -> torch.Tensor:
         """Logits [M, B, n_labels] of per-model inputs ([M, B, dim] or M [B, dim]) or one shared [B, dim]."""
-        count = len(state["projection.bias"])
+        count = len(params["projection.bias"])
         ps, generators = dropout if dropout is not None else ([0.0] * count, [None] * count)
         if not self.per_model:
-            stacked = x if isinstance(x, torch.Tensor) else torch.stack(x)
-            return self._stacked_forward(state, stacked, training, ps, generators)
+            stacked = {k: torch.stack(v) for k, v in params.items()}
+            inputs = x if isinstance(x, torch.Tensor) else torch.stack(x)
+            logits = self._stacked_forward(stacked, inputs, training, ps, generators)
+            if training:  # the batch norms updated running statistics in the stacked copies
+                with torch.no_grad():
+                    for k in (k for k in params if k.endswith(("running_mean", "running_var"))):
+                        torch._foreach_copy_(params[k], list(stacked[k].unbind(0)))
+            return logits
         inputs = [x] * count if isinstance(x, torch.Tensor) and x.dim() == 2 else list(x)
-        params = {k: v.unbind(0) for k, v in state.items()}
         logits = [
             self._one_forward(params, i, inputs[i], training, ps[i], generators[i]) for i in range(count)
         ]
@@ -295,7 +307,7 @@ class BatchedProbes:
 
     def _one_forward(
         self,
-        params: dict[str, tuple[torch.Tensor, ...]],
+        params: Params,
         i: int,
         x: torch.Tensor,
         training: bool,
@@ -387,16 +399,17 @@ class BatchedProbes:
         return float(F.binary_cross_entropy_with_logits(logits, targets))
 
     @torch.no_grad()
-    def _logits(self, state: dict[str, torch.Tensor], x: torch.Tensor, rows: int) -> torch.Tensor:
+    def _logits(self, params: Params, x: torch.Tensor, rows: int) -> torch.Tensor:
         """Evaluation-mode logits [M, n, n_labels] of a shared input, in chunks of `rows` rows."""
-        chunks = [self._forward(state, x[i : i + rows], training=False) for i in range(0, len(x), rows)]
+        chunks = [self._forward(params, x[i : i + rows], training=False) for i in range(0, len(x), rows)]
         return torch.cat(chunks, 1)
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> np.ndarray:
         """Class probabilities [M, n, n_labels] of every model's kept state, as float64 numpy."""
         # Chunks as probe.predict's: a matmul's rounding can depend on how many rows it has.
-        probs = self._probabilities(self._logits(self.state, x.to(self.device), PREDICT_ROWS))
+        params = {k: list(v.unbind(0)) for k, v in self.state.items()}
+        probs = self._probabilities(self._logits(params, x.to(self.device), PREDICT_ROWS))
         return probs.double().cpu().numpy()
 
     def state_dict(self, i: int) -> dict[str, torch.Tensor]:
@@ -406,11 +419,11 @@ class BatchedProbes:
     # ------------------------------------------------------------------ validation
 
     def _validation_scores(
-        self, state: dict[str, torch.Tensor], valid: tuple[torch.Tensor, torch.Tensor], monitor: str | None
+        self, params: Params, valid: tuple[torch.Tensor, torch.Tensor], monitor: str | None
     ) -> tuple[list[float], list[float]]:
         """Per-model validation loss and score (the monitored metric, or the loss), as ProbeModule's."""
         x, y = valid
-        logits = self._logits(state, x, self.config.batch_size)  # as train_probe's validation loader
+        logits = self._logits(params, x, self.config.batch_size)  # as train_probe's validation loader
         losses = [self._single_loss(lg, y) for lg in logits]
         if monitor is None:
             return losses, losses
@@ -480,7 +493,7 @@ class BatchedProbes:
                 epochs[i] = epoch
                 if not tracks[i].has_best:  # no valid score ever: the last state is what there is
                     for k in best:
-                        best[k][i] = run.work[k][pos].detach()
+                        best[k][i] = run.params[k][pos].detach()
             run.retire(finished + done)
 
         self.state = best
@@ -517,44 +530,44 @@ class BatchedProbes:
         loss_sum = torch.zeros(len(run.alive), device=self.device)
         for first in range(0, used, batch_size):
             index = order[:, first : first + batch_size]
-            losses = self._loss(self._forward(run.work, self._rows(x, index), True, dropout), target[index])
+            losses = self._loss(self._forward(run.params, self._rows(x, index), True, dropout), target[index])
             for k in self.trainable:
-                run.work[k].grad = None
+                for t in run.params[k]:
+                    t.grad = None
             losses.sum().backward()
             run.step += 1
-            self._adam_step(run.work, run.moments, lr, run.step)
-            for k, v in run.work.items():  # nn.BatchNorm1d counts its training batches
+            self._adam_step(run, lr)
+            for k, v in run.params.items():  # nn.BatchNorm1d counts its training batches
                 if k.endswith("num_batches_tracked"):
-                    v += 1
+                    torch._foreach_add_(v, 1)
             if want_loss:  # Lightning's epoch mean of train_loss, weighted by batch size
                 loss_sum += losses.detach() * index.shape[1]
         return (loss_sum / used).tolist() if want_loss else [math.nan] * len(run.alive)
 
     @torch.no_grad()
-    def _adam_step(
-        self,
-        work: dict[str, torch.Tensor],
-        moments: dict[str, tuple[torch.Tensor, torch.Tensor]],
-        lr: list[float],
-        step: int,
-    ) -> None:
-        """torch's single-tensor Adam on [M, ...] tensors, each model with its own learning rate."""
+    def _adam_step(self, run: _Working, lr: list[float]) -> None:
+        """torch's single-tensor Adam for every working model, each with its own learning rate.
+
+        The `_foreach` ops apply the single-tensor ops to every model's tensors in turn on the CPU (one
+        fused kernel on GPUs), so each model's update is exactly what torch.optim.Adam computes for it.
+        """
         beta1, beta2 = BETAS
-        bias_correction1 = 1 - beta1**step
-        bias_correction2_sqrt = (1 - beta2**step) ** 0.5
-        same_lr = len(set(lr)) == 1
-        if not same_lr:
-            # addcdiv_ rounds value * t1 / t2 left to right in float32; this tensor form rounds alike.
-            neg_step = torch.tensor([-(r / bias_correction1) for r in lr], device=self.device)
+        bias_correction1 = 1 - beta1**run.step
+        bias_correction2_sqrt = (1 - beta2**run.step) ** 0.5
+        step_sizes = [-(r / bias_correction1) for r in lr]
+        params, grads, exp_avgs, exp_avg_sqs, values = [], [], [], [], []
         for k in self.trainable:
-            param, grad = work[k], work[k].grad
-            exp_avg, exp_avg_sq = moments[k]
-            exp_avg.lerp_(grad, 1 - beta1)
-            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-            # (sqrt(v) / c).add_(eps), as torch's Adam, computed in the gradient's memory (no longer needed)
-            denom = torch.sqrt(exp_avg_sq, out=grad).div_(bias_correction2_sqrt).add_(EPS)
-            if same_lr:
-                param.addcdiv_(exp_avg, denom, value=-(lr[0] / bias_correction1))
-            else:
-                shape = (-1,) + (1,) * (param.dim() - 1)
-                param.add_(neg_step.view(shape).to(param.dtype) * exp_avg / denom)
+            params += run.params[k]
+            grads += [t.grad for t in run.params[k]]
+            exp_avgs += run.moments[k][0]
+            exp_avg_sqs += run.moments[k][1]
+            values += step_sizes
+        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+        # (sqrt(v) / c).add_(eps), as torch's Adam, in the gradients' memory (no longer needed).
+        torch._foreach_copy_(grads, exp_avg_sqs)
+        torch._foreach_sqrt_(grads)
+        torch._foreach_div_(grads, bias_correction2_sqrt)
+        torch._foreach_add_(grads, EPS)
+        torch._foreach_addcdiv_(params, exp_avgs, grads, values)

@@ -16,6 +16,7 @@ so `--no-pretrain` can evaluate what exists while another process pretrains.
 
 from __future__ import annotations
 
+import csv
 import math
 import os
 import sys
@@ -42,7 +43,7 @@ from msm_lightning.pipelines.stages import (
     step_checkpoint,
     task_set,
 )
-from msm_lightning.safe_io import atomic_write_text, read_json_file
+from msm_lightning.safe_io import atomic_write_text
 
 BUDGET_TOTAL_STEPS = 8000
 BUDGET_FIRST_STEP = 250
@@ -273,10 +274,10 @@ def first_beating(
 
 
 def pretraining_seconds(attempts: list[dict[str, Any]], step: int) -> tuple[float, bool] | None:
-    """Wall time of pretraining to `step` from recorded rounds, and whether part of it is estimated.
+    """Wall time of pretraining to `step` from the fits' rounds, and whether part of it is estimated.
 
-    Steps no recorded round covers (trained before the rounds were recorded, or by a round cut short) are
-    counted at the mean seconds per step of the recorded rounds. None without any recorded round.
+    Steps no round covers (a fit without logs) are counted at the mean seconds per step of the others.
+    None without any round.
     """
     rounds = [a for a in attempts if a.get("to_step", 0) > a.get("from_step", 0)]
     trained = sum(a["to_step"] - a["from_step"] for a in rounds)
@@ -292,13 +293,31 @@ def pretraining_seconds(attempts: list[dict[str, Any]], step: int) -> tuple[floa
     return seconds, missing > 0
 
 
-def recorded_rounds(pretrain_dir: Path, family: str) -> list[dict[str, Any]]:
-    """The pretraining rounds of `family` recorded in the pretraining root's stage log."""
-    path = pretrain_dir / PRETRAIN_LOG
-    if not path.is_file():
-        return []
-    stage = read_json_file(path, "msm budget stage log").get("stages", {}).get(f"pretrain {family}", {})
-    return stage.get("attempts", [])
+def fit_rounds(root: Path) -> list[dict[str, Any]]:
+    """Each `msm fit` of a run folder, from its Lightning logs: the steps it went from and to, its seconds.
+
+    A fit's wall time runs from its saved config (written as training starts) to the last write of its
+    metrics (at the end), so fits run by any means count, not only this pipeline's rounds; the few seconds
+    before training starts are left out.
+    """
+    versions = [v for v in (root / "logs").glob("version_*") if v.name[len("version_") :].isdigit()]
+    rounds: list[dict[str, Any]] = []
+    done = 0
+    for version in sorted(versions, key=lambda v: int(v.name[len("version_") :])):
+        config, metrics = version / "config.yaml", version / "metrics.csv"
+        if not (config.is_file() and metrics.is_file()):
+            continue
+        with metrics.open() as f:
+            steps = [int(row["step"]) for row in csv.DictReader(f) if row.get("step")]
+        if not steps:
+            continue
+        # Logged steps count from 0 and each fit logs every few steps; a fit resumed from an earlier
+        # checkpoint than the last step logged (after a crash) starts before `done`.
+        start, end = min(done, min(steps)), max(steps) + 1
+        seconds = metrics.stat().st_mtime - config.stat().st_mtime
+        rounds.append({"from_step": start, "to_step": end, "seconds": max(0.0, seconds)})
+        done = end
+    return rounds
 
 
 def trained_to(root: Path) -> int:
@@ -357,11 +376,15 @@ def budget_table(
     majority = len(tasks) // 2 + 1
 
     def wall(family: str, step: int) -> str:
-        measured = pretraining_seconds(recorded_rounds(pretrain_dir, family), step)
+        measured = pretraining_seconds(fit_rounds(pretrain_dir / family), step)
         if measured is None:
             return "-"
         seconds, estimated = measured
         return ("≈ " if estimated else "") + fmt_seconds(seconds)
+
+    def steps(family: str, step: int) -> str:
+        took = wall(family, step)
+        return f"{step} steps" + (f" ({took})" if took != "-" else "")
 
     def when(family: str, other: dict[str, dict[str, Any]] | None) -> str:
         curve = {st: c.scores[name] for st, name in data.curves[family].items()}
@@ -369,8 +392,8 @@ def budget_table(
             return "not evaluated yet"
         step = first_beating(curve, other, tasks)
         if step is None:
-            return f"not within {max(curve)} steps"
-        return f"{step} steps ({wall(family, step)})"
+            return f"not within {steps(family, max(curve))}"
+        return steps(family, step)
 
     lines = [
         f"| model | ahead of its random twin | ahead of log-mel | pretrained so far (of {total_steps}) |",
@@ -379,14 +402,14 @@ def budget_table(
     for family in families:
         name = f"{FAMILIES[family].paper_name}-T"
         twin = c.scores.get(random_twin(family).name)
-        done = trained_to(pretrain_dir / family)
-        lines.append(f"| {name} | {when(family, twin)} | {when(family, logmel)} | {done} steps |")
+        done = steps(family, trained_to(pretrain_dir / family))
+        lines.append(f"| {name} | {when(family, twin)} | {when(family, logmel)} | {done} |")
     lines += [
         "",
         f"Ahead: on at least {majority} of the {len(tasks)} tasks the model's 95 % interval over {seeds} "
-        "seeds lies above the other's (intervals do not overlap). The wall time is that of pretraining to "
-        "that step on this machine, from the recorded rounds (≈: partly estimated at the measured seconds "
-        "per step, for steps trained before rounds were recorded).",
+        "seeds lies above the other's (intervals do not overlap). Wall time: pretraining to that step "
+        "on this machine, summed over the fits in the run folder's Lightning logs (≈: partly estimated, "
+        "for steps of fits without logs).",
         "",
         "| model | step | pretraining wall time | tasks ahead / behind its twin "
         "| tasks ahead / behind log-mel | s(m) |",
