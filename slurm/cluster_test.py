@@ -5,12 +5,13 @@ munged, a slurmctld and two slurmd (nodes n1 and n2, each on its own port) from 
 temporary folder, and makes the node names resolve through /etc/hosts (Lightning takes MASTER_ADDR from
 the first node name of the allocation). Then, through sbatch and slurm/pretrain.sbatch:
 
-1. 2 nodes x 1 task of `msm fit` (Tiny transformer, fp32, gloo on CPU): both ranks join one process
-   group, read different crops at every step and end with identical weights;
+1. 2 nodes x 1 task of `msm fit` (Tiny transformer, fp32, gloo on CPU), streaming its crops from the
+   shards `msm data shard` wrote of a generated corpus: both ranks join one process group, read
+   different crops at every step and end with identical weights;
 2. the same job again, sent SLURM's warning signal (scancel --signal=USR1) mid-run: it saves a
-   checkpoint, requeues itself, resumes from it and finishes, and its logged loss at every step equals
-   job 1's exactly (same seed, CPU, fp32, one thread per task: the same arithmetic), as do each rank's
-   crops and the final weights;
+   checkpoint, requeues itself, resumes from it (and from its position in the shards) and finishes, and
+   its logged loss at every step equals job 1's exactly (same seed, CPU, fp32, one thread per task:
+   the same arithmetic), as do each rank's crops and the final weights;
 3. stops every daemon it started by pid, removes its /etc/hosts line, and checks that nothing it started
    is still running; this cleanup also runs when a check fails or the test is interrupted.
 
@@ -317,7 +318,7 @@ def tail(path: Path, lines: int = 40) -> str:
     return "\n".join(f"    | {line}" for line in path.read_text(errors="replace").splitlines()[-lines:])
 
 
-def write_run(work: Path, name: str, manifest: Path) -> tuple[Path, Path, Path]:
+def write_run(work: Path, name: str) -> tuple[Path, Path, Path]:
     """A config for `msm fit` (run folder `name`, probe records beside it); (config, run root, probe dir)."""
     import yaml
 
@@ -337,7 +338,7 @@ def write_run(work: Path, name: str, manifest: Path) -> tuple[Path, Path, Path]:
             "callbacks": [{"class_path": "step_probe.StepProbe", "init_args": {"out_dir": str(probe)}}],
         },
         "model": {"family": "transformer", "size": "tiny", "warmup_steps": 2, "base_lr": 0.032},
-        "data": {"manifest": str(manifest), "batch_size": 2, "num_workers": 0},
+        "data": {"batch_size": 2, "num_workers": 0},  # the shards are an sbatch argument
         "checkpoint": {"every_n_train_steps": 4},
     }
     config = work / f"{name}.yaml"
@@ -361,18 +362,20 @@ def logged_losses(root: Path) -> dict[int, str]:
     return losses
 
 
-def submit_args(name: str, work: Path, config: Path) -> list[str]:
-    """sbatch arguments: the shipped script on 2 nodes x 1 task, CPUs only."""
+def submit_args(name: str, work: Path, config: Path, shards: Path) -> list[str]:
+    """sbatch arguments: the shipped script on 2 nodes x 1 task, CPUs only, the shards as an override."""
     return [
         f"--job-name={name}", "--nodes=2", "--ntasks-per-node=1", "--gres=none", "--cpus-per-task=1",
-        "--time=60", f"--chdir={work}", str(JOB_SCRIPT), str(config),
+        "--time=60", f"--chdir={work}", str(JOB_SCRIPT), str(config), "--data.shards", str(shards),
     ]  # fmt: skip
 
 
-def two_node_run(cluster: Cluster, work: Path, manifest: Path, env: dict[str, str]) -> dict[str, Any]:
+def two_node_run(cluster: Cluster, work: Path, shards: Path, env: dict[str, str]) -> dict[str, Any]:
     """Check 1: a 2-node job trains one model in one process group; its records, for check 2."""
-    config, root, probe = write_run(work, "twonode", manifest)
-    job = cluster.sbatch(submit_args("twonode", work, config), env)
+    import yaml
+
+    config, root, probe = write_run(work, "twonode")
+    job = cluster.sbatch(submit_args("twonode", work, config, shards), env)
     log = work / f"twonode-{job}.out"
     say(f"job {job}: 2 nodes x 1 task of msm fit, {MAX_STEPS} steps")
     start = time.monotonic()
@@ -402,6 +405,11 @@ def two_node_run(cluster: Cluster, work: Path, manifest: Path, env: dict[str, st
     check(ends[0]["weights"] == ends[1]["weights"], "the ranks ended with different weights")
     losses = logged_losses(root)
     check(sorted(losses) == list(range(MAX_STEPS)), f"logged steps {sorted(losses)}")
+    data = yaml.safe_load((root / "logs" / "version_0" / "config.yaml").read_text())["data"]
+    check(
+        (data["shards"], data["root"], data["manifest"]) == (str(shards), None, None),
+        f"the job's data were not the shards: {data}",
+    )
     return {
         "job": job,
         "seconds": seconds,
@@ -409,7 +417,8 @@ def two_node_run(cluster: Cluster, work: Path, manifest: Path, env: dict[str, st
         "weights": ends[0]["weights"],
         "losses": losses,
         "summary": [
-            f"job {job} COMPLETED in {seconds:.0f} s: rank 0 on {nodes[0]} and rank 1 on {nodes[1]} joined "
+            f"job {job} COMPLETED in {seconds:.0f} s, reading litdata shards: rank 0 on {nodes[0]} and "
+            f"rank 1 on {nodes[1]} joined "
             f"one gloo process group of 2; they read different crops at all {MAX_STEPS} steps and ended "
             f"with identical weights (sha256 {ends[0]['weights'][:12]})",
         ],
@@ -417,11 +426,11 @@ def two_node_run(cluster: Cluster, work: Path, manifest: Path, env: dict[str, st
 
 
 def requeue_run(
-    cluster: Cluster, work: Path, manifest: Path, env: dict[str, str], reference: dict[str, Any]
+    cluster: Cluster, work: Path, shards: Path, env: dict[str, str], reference: dict[str, Any]
 ) -> list[str]:
     """Check 2: the signalled job saves, requeues itself, resumes and matches the uninterrupted run."""
-    config, root, probe = write_run(work, "requeue", manifest)
-    job = cluster.sbatch(submit_args("requeue", work, config), env)
+    config, root, probe = write_run(work, "requeue")
+    job = cluster.sbatch(submit_args("requeue", work, config, shards), env)
     log = work / f"requeue-{job}.out"
     say(f"job {job}: the same run, to be sent USR1 once it has logged step {SIGNAL_AT_STEP}")
     deadline = time.monotonic() + TIMEOUT
@@ -512,14 +521,25 @@ def main() -> int:
             f"{version}: slurmctld + slurmd {nodes} on this machine, munge; node names in /etc/hosts"
         ]
         say(summary["cluster"][0])
-        manifest = make_corpus(work / "corpus", n_files=16, seed=0)
+        # Both jobs stream from shards, as a cluster run would: `msm data shard` of a generated corpus.
+        make_corpus(work / "corpus", n_files=16, seed=0)
+        shards = work / "shards"
+        cluster.run(
+            [sys.executable, "-m", "msm_lightning", "data", "shard", str(work / "corpus"), str(shards)]
+        )
+        written = json.loads((shards / "shards.json").read_text())
+        summary["shards"] = [
+            f"msm data shard: {written['records']} records of {written['listed_files']} files in "
+            f"{written['chunks']} chunk(s), {written['skipped_files']} skipped"
+        ]
+        say(summary["shards"][0])
         env = {
             "MSM": f"{sys.executable} -m msm_lightning",
             "PYTHONPATH": os.pathsep.join([str(REPO / "slurm"), str(REPO)]),
         }
-        reference = two_node_run(cluster, work, manifest, env)
+        reference = two_node_run(cluster, work, shards, env)
         summary["1. two nodes"] = reference["summary"]
-        summary["2. requeue"] = requeue_run(cluster, work, manifest, env, reference)
+        summary["2. requeue"] = requeue_run(cluster, work, shards, env, reference)
     except Exception as err:  # reported with the daemons' logs; the cleanup below runs either way
         if isinstance(err, CheckFailed):
             failure = str(err)
