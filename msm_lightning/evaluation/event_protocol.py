@@ -48,13 +48,11 @@ from msm_lightning.evaluation.events import (
     postprocessing_grid,
 )
 from msm_lightning.evaluation.probe import (
-    KeepBestState,
     ProbeConfig,
     ProbeModule,
     ProbeResult,
-    batches,
+    fit_probe,
     predict,
-    quiet_lightning,
 )
 from msm_lightning.evaluation.protocol import (
     Echo,
@@ -126,40 +124,20 @@ def train_event_probe(
 ) -> ProbeResult:
     """Train one frame probe with early stopping on the validation events; return it at its best check.
 
-    `probe.train_probe` with an event score: the same seeding, loaders, trainer and best-state keeping,
-    but its validation score is a function of the probabilities and targets alone, and events also need
-    each row's file and timestamp and the postprocessing search.
+    `probe.fit_probe` with an `EventProbeModule`: the same seeding, loaders, trainer and best-state
+    keeping as a scene probe; only the validation score (events, postprocessing search) differs.
     """
-    start = time.time()
-    torch.manual_seed(seed)  # initialisation and dropout; the shuffling order has its own generator
-    generator = torch.Generator().manual_seed(seed)
-    module = EventProbeModule(train[0].shape[1], train[1].shape[1], prediction_type, config, scorer, metric)
-    maximise = scorer is not None and event_metric(metric).maximise
-    keeper = KeepBestState(maximise=maximise, patience=config.patience)
-    valid_loader = batches(*valid, config.batch_size)
-    with quiet_lightning():
-        trainer = L.Trainer(
-            accelerator=accelerator,
-            devices=1,
-            max_epochs=config.max_epochs,
-            check_val_every_n_epoch=config.check_val_every_n_epoch,
-            callbacks=[keeper],
-            logger=logger,
-            log_every_n_steps=1,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            num_sanity_val_steps=0,
-            use_distributed_sampler=False,
-        )
-        trainer.fit(module, batches(*train, config.batch_size, generator), valid_loader)
-        if keeper.last_validated != keeper.epochs_done and not keeper.stopped_early:
-            # The schedule may end between checks (500 is not a multiple of 3): score the last epoch too.
-            trainer.validate(module, valid_loader, verbose=False)
-    if keeper.best_state is not None:
-        module.load_state_dict(keeper.best_state)
-    module.eval()
-    return ProbeResult(module, keeper.best_score, keeper.best_epoch, keeper.epochs_done, time.time() - start)
+    n_features, n_labels = train[0].shape[1], train[1].shape[1]
+    return fit_probe(
+        lambda: EventProbeModule(n_features, n_labels, prediction_type, config, scorer, metric),
+        train,
+        valid,
+        config,
+        seed,
+        maximise=scorer is not None and event_metric(metric).maximise,
+        accelerator=accelerator,
+        logger=logger,
+    )
 
 
 def event_task_grid(grid: dict[str, list[Any]], metadata: dict[str, Any]) -> dict[str, list[Any]]:

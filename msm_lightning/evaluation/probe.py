@@ -13,7 +13,7 @@ import logging
 import math
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import lightning as L
@@ -235,12 +235,40 @@ def train_probe(
     logger: L.pytorch.loggers.Logger | bool = False,
 ) -> ProbeResult:
     """Train one probe with early stopping on the validation split; return it at its best check."""
+    n_features, n_labels = train[0].shape[1], train[1].shape[1]
+    return fit_probe(
+        lambda: ProbeModule(n_features, n_labels, prediction_type, config, monitor),
+        train,
+        valid,
+        config,
+        seed,
+        maximise=monitor is not None,
+        accelerator=accelerator,
+        logger=logger,
+    )
+
+
+def fit_probe(
+    make_module: Callable[[], ProbeModule],
+    train: tuple[torch.Tensor, torch.Tensor],
+    valid: tuple[torch.Tensor, torch.Tensor],
+    config: ProbeConfig,
+    seed: int,
+    *,
+    maximise: bool,
+    accelerator: str = "cpu",
+    logger: L.pytorch.loggers.Logger | bool = False,
+) -> ProbeResult:
+    """Seed, build and train a probe module with early stopping on its `val_score`; load its best state.
+
+    `make_module` is called after seeding, so the seed fixes the initialisation and dropout; the shuffling
+    order has its own generator. Scene and event probes differ only in the module (their validation score).
+    """
     start = time.time()
-    # Seeds the initialisation and dropout; the shuffling order has its own generator.
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    module = ProbeModule(train[0].shape[1], train[1].shape[1], prediction_type, config, monitor)
-    keeper = KeepBestState(maximise=monitor is not None, patience=config.patience)
+    module = make_module()
+    keeper = KeepBestState(maximise=maximise, patience=config.patience)
     valid_loader = batches(*valid, config.batch_size)
     with quiet_lightning():
         trainer = L.Trainer(
