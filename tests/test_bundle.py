@@ -245,3 +245,36 @@ def test_bundles_get_the_mode_the_umask_gives(checkpoint, tmp_path):
         os.umask(previous)
     for path in (folder / "model.safetensors", folder / "config.json", single):
         assert path.stat().st_mode & 0o777 == 0o644, path
+
+
+GUARD_SCRIPT = """
+import importlib.machinery, sys, types
+if sys.argv[1] == "tensorflow":  # loaded first, as hearvalidator and heareval's runner do
+    sys.modules["tensorflow"] = tf = types.ModuleType("tensorflow")
+    tf.__spec__ = importlib.machinery.ModuleSpec("tensorflow", None)
+from pathlib import Path
+from msm_lightning.model.bundle import check_buildable
+from msm_lightning.model.msm import MaskedSpectrogramModel
+for family in ("transformer", "mamba", "xlstm"):
+    check_buildable(Path("bundle"), MaskedSpectrogramModel.from_preset(family, "tiny").config())
+try:
+    import triton
+    print("triton imported" if triton is not None else "no triton")
+except ImportError:
+    print("triton refused")
+"""
+
+
+@pytest.mark.parametrize("loaded", ["tensorflow", "none"])
+def test_bundle_checks_never_import_triton_beside_tensorflow(loaded):
+    # Beside TensorFlow, importing triton kills the process (a segmentation fault in hearvalidator when it
+    # loaded a bundle): the meta-device check must leave it alone there, and only there.
+    pytest.importorskip("triton", reason="only PyTorch builds that ship triton can crash this way")
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", GUARD_SCRIPT, loaded], capture_output=True, text=True, timeout=600, check=True
+    )
+    expected = "triton refused" if loaded == "tensorflow" else "triton imported"
+    assert done.stdout.strip().splitlines()[-1] == expected, done.stdout + done.stderr

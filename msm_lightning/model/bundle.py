@@ -34,6 +34,7 @@ from msm_lightning.model.families import FAMILIES, preset
 from msm_lightning.model.frontend import LogMelFrontend
 from msm_lightning.model.msm import MaskedSpectrogramModel
 from msm_lightning.model.patching import POS_EMBED_LAYOUTS
+from msm_lightning.model.triton_guard import refuse_triton_beside_tensorflow
 from msm_lightning.safe_io import atomic_path, atomic_write_json
 
 BUNDLE_FORMAT = "msm-lightning-bundle"
@@ -303,6 +304,7 @@ def _shape_mismatch(expected: dict[str, tuple[int, ...]], found: dict[str, tuple
 
 def _dry_run(path: Path, model_config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     """The tensor shapes the config's model expects, from a build on the meta device (nothing allocated)."""
+    refuse_triton_beside_tensorflow()  # a meta build imports torch._dynamo, which would import triton
     try:
         with torch.device("meta"):
             model = MaskedSpectrogramModel(**model_config)

@@ -13,7 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from msm_lightning.model.encoders.selective_scan import fused_path, selective_scan
+from msm_lightning.model.triton_guard import refuse_triton_beside_tensorflow
 
+refuse_triton_beside_tensorflow()
 try:  # The fused kernels import only where CUDA and the `cuda` extra are installed.
     from causal_conv1d import causal_conv1d_fn
     from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn
