@@ -1,4 +1,5 @@
-"""Fixtures shared by several test modules: a real checkpoint, its bundle, and tiny HEAR task folders."""
+"""Fixtures shared by several test modules: a real checkpoint, its bundle, tiny HEAR task folders and small
+`msm fit` configs."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+import yaml
 from torch.utils.data import DataLoader
 
 from msm_lightning.model.bundle import export_checkpoint
@@ -104,3 +106,36 @@ def build_task(
 def make_task() -> Callable[..., Path]:
     """`build_task`: a tiny task in hearpreprocess layout (see its docstring)."""
     return build_task
+
+
+def build_fit_config(path: Path, root: Path, data: dict, **sections: dict) -> Path:
+    """A small CPU `msm fit` config (Tiny SSAST, batch 2) in `path`; keyword sections update the defaults."""
+    cfg = {
+        "seed_everything": 0,
+        "trainer": {
+            "default_root_dir": str(root),
+            "accelerator": "cpu",
+            "devices": 1,
+            "max_steps": 4,
+            "max_epochs": -1,
+            "log_every_n_steps": 1,
+            "enable_progress_bar": False,
+        },
+        "model": {"family": "transformer", "size": "tiny", "warmup_steps": 1},
+        "data": {
+            "batch_size": 2,
+            "num_workers": 0,
+            **{k: str(v) if isinstance(v, Path) else v for k, v in data.items()},
+        },
+        "checkpoint": {"every_n_train_steps": 2},
+    }
+    for key, value in sections.items():
+        cfg[key] = {**cfg.get(key, {}), **value}
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="session")
+def write_fit_config() -> Callable[..., Path]:
+    """`build_fit_config`: a small CPU `msm fit` config file (see its docstring)."""
+    return build_fit_config

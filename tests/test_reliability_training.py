@@ -13,35 +13,11 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-import yaml
 
 from msm_lightning.cli import main
 from msm_lightning.datasets.synth import make_corpus
 from msm_lightning.training.callbacks import newest_checkpoint, resolve_last
 from msm_lightning.training.datamodule import RandomCropDataset, SkippedAudioWarning
-
-
-def fit_config(path: Path, manifest: Path, root: Path, **sections) -> Path:
-    """A small CPU `msm fit` config; keyword sections are merged into the defaults."""
-    cfg = {
-        "seed_everything": 0,
-        "trainer": {
-            "default_root_dir": str(root),
-            "accelerator": "cpu",
-            "devices": 1,
-            "max_steps": 4,
-            "max_epochs": -1,
-            "log_every_n_steps": 1,
-            "enable_progress_bar": False,
-        },
-        "model": {"family": "transformer", "size": "tiny", "warmup_steps": 1},
-        "data": {"manifest": str(manifest), "batch_size": 2, "num_workers": 0},
-        "checkpoint": {"every_n_train_steps": 2},
-    }
-    for key, value in sections.items():
-        cfg[key] = {**cfg.get(key, {}), **value}
-    path.write_text(yaml.safe_dump(cfg))
-    return path
 
 
 def metrics_of(root: Path) -> list[dict[str, str]]:
@@ -67,12 +43,14 @@ def test_overflowing_and_non_finite_audio_is_skipped_like_unreadable_audio(tmp_p
     assert torch.isfinite(item["audio"]).all()
 
 
-def test_each_bad_file_is_counted_once_and_the_skips_beside_it(tmp_path, capsys):
+def test_each_bad_file_is_counted_once_and_the_skips_beside_it(tmp_path, capsys, write_fit_config):
     # 7 bad files (one of each kind, including finite samples near 1e30) among 11: replacement draws land
     # on known bad files again, so there are more skips than bad files.
     manifest = make_corpus(tmp_path / "corpus", n_files=4, seed=1, n_corrupt=7, max_seconds=2.5)
     root = tmp_path / "run"
-    config = fit_config(tmp_path / "bad.yaml", manifest, root, trainer={"max_steps": -1, "max_epochs": 1})
+    config = write_fit_config(
+        tmp_path / "bad.yaml", root, {"manifest": manifest}, trainer={"max_steps": -1, "max_epochs": 1}
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", SkippedAudioWarning)
         main(["fit", "--config", str(config)])
@@ -87,10 +65,14 @@ def test_each_bad_file_is_counted_once_and_the_skips_beside_it(tmp_path, capsys)
     assert losses and all(math.isfinite(x) for x in losses)
 
 
-def test_a_non_finite_loss_stops_the_fit_with_a_message_and_no_nan_checkpoint(tmp_path, small_corpus):
+def test_a_non_finite_loss_stops_the_fit_with_a_message_and_no_nan_checkpoint(
+    tmp_path, small_corpus, write_fit_config
+):
     root = tmp_path / "run"
     poison = {"callbacks": [{"class_path": "fit_callbacks.PoisonWeightsAtStep", "init_args": {"step": 2}}]}
-    config = fit_config(tmp_path / "nan.yaml", small_corpus, root, trainer={**poison, "max_steps": 6})
+    config = write_fit_config(
+        tmp_path / "nan.yaml", root, {"manifest": small_corpus}, trainer={**poison, "max_steps": 6}
+    )
     with pytest.raises(SystemExit, match=r"msm fit: the training loss is nan at global step 2"):
         main(["fit", "--config", str(config)])
     for ckpt in (root / "checkpoints").glob("*.ckpt"):
@@ -100,14 +82,14 @@ def test_a_non_finite_loss_stops_the_fit_with_a_message_and_no_nan_checkpoint(tm
 
 
 def test_resume_from_last_uses_the_newest_step_checkpoint_when_last_is_missing(
-    tmp_path, small_corpus, capsys
+    tmp_path, small_corpus, capsys, write_fit_config
 ):
     root = tmp_path / "run"
-    main(["fit", "--config", str(fit_config(tmp_path / "a.yaml", small_corpus, root))])
+    main(["fit", "--config", str(write_fit_config(tmp_path / "a.yaml", root, {"manifest": small_corpus}))])
     ckpts = root / "checkpoints"
     (ckpts / "last.ckpt").unlink()
     capsys.readouterr()
-    config = fit_config(tmp_path / "b.yaml", small_corpus, root, trainer={"max_steps": 6})
+    config = write_fit_config(tmp_path / "b.yaml", root, {"manifest": small_corpus}, trainer={"max_steps": 6})
     main(["fit", "--config", str(config), "--ckpt_path", "last"])
     out = capsys.readouterr().out
     assert f"'{ckpts / 'last.ckpt'}' is missing; resuming from {ckpts / 'step00000004.ckpt'}" in out
@@ -141,8 +123,10 @@ def test_resume_choice_between_checkpoints(tmp_path, capsys):
         (["--data.batch_size", "0"], r"msm fit: need batch_size > 0"),
     ],
 )
-def test_fit_configuration_errors_are_one_line_messages(tmp_path, small_corpus, override, message):
-    config = fit_config(tmp_path / "c.yaml", small_corpus, tmp_path / "run")
+def test_fit_configuration_errors_are_one_line_messages(
+    tmp_path, small_corpus, override, message, write_fit_config
+):
+    config = write_fit_config(tmp_path / "c.yaml", tmp_path / "run", {"manifest": small_corpus})
     with pytest.raises(SystemExit, match=message):
         main(["fit", "--config", str(config), *override])
 

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from torch.utils.data import DataLoader
 
 from msm_lightning.cli import main
@@ -23,32 +22,24 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_corpus(tmp_path_factory.mktemp("corpus"), n_files=12, seed=0, n_corrupt=2)
 
 
-def fit_config(path: Path, manifest: Path, root: Path, record: Path, **trainer) -> Path:
-    """A small CPU fp32 run of 8 steps with a checkpoint every 2, recording every batch."""
-    callbacks = [{"class_path": "fit_callbacks.RecordRun", "init_args": {"out_dir": str(record)}}]
-    callbacks += trainer.pop("callbacks", [])
-    cfg = {
-        "seed_everything": 0,
-        "trainer": {
-            "default_root_dir": str(root),
-            "accelerator": "cpu",
-            "devices": 1,
+@pytest.fixture
+def fit_config(write_fit_config, corpus: Path):
+    """Writes small CPU fp32 `msm fit` configs: 8 steps, a checkpoint every 2, every batch recorded."""
+
+    def write(path: Path, root: Path, record: Path, callbacks: tuple[dict, ...] = ()) -> Path:
+        recorder = {"class_path": "fit_callbacks.RecordRun", "init_args": {"out_dir": str(record)}}
+        # With a finite max_epochs Lightning builds the loader early (to size the schedule), before it
+        # restores the loops: the position must come from the checkpoint's data module state.
+        trainer = {
             "precision": "32-true",
-            # With a finite max_epochs Lightning builds the loader early (to size the schedule), before it
-            # restores the loops: the position must come from the checkpoint's data module state.
             "max_steps": 8,
             "max_epochs": 2,
-            "log_every_n_steps": 1,
-            "enable_progress_bar": False,
-            "callbacks": callbacks,
-            **trainer,
-        },
-        "model": {"family": "transformer", "size": "tiny", "warmup_steps": 2, "base_lr": 0.032},
-        "data": {"manifest": str(manifest), "batch_size": 2, "num_workers": 0},
-        "checkpoint": {"every_n_train_steps": 2},
-    }
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+            "callbacks": [recorder, *callbacks],
+        }
+        model = {"warmup_steps": 2, "base_lr": 0.032}
+        return write_fit_config(path, root, {"manifest": corpus}, trainer=trainer, model=model)
+
+    return write
 
 
 def logged_losses(root: Path) -> dict[int, float]:
@@ -61,17 +52,17 @@ def logged_losses(root: Path) -> dict[int, float]:
     return losses
 
 
-def test_crash_and_resume_reads_the_same_batches_and_logs_the_same_losses(tmp_path, corpus):
+def test_crash_and_resume_reads_the_same_batches_and_logs_the_same_losses(tmp_path, fit_config):
     # The crash at step 5 resumes from the step-4 checkpoint in the middle of epoch 0, and the resumed
     # run then crosses into epoch 1 (7 batches per epoch).
     full_root, full_rec = tmp_path / "full", tmp_path / "full-record"
-    main(["fit", "--config", str(fit_config(tmp_path / "full.yaml", corpus, full_root, full_rec))])
+    main(["fit", "--config", str(fit_config(tmp_path / "full.yaml", full_root, full_rec))])
     full = json.loads((full_rec / "rank0.json").read_text())
     assert (full["start_step"], full["end_step"], len(full["batches"])) == (0, 8, 8)
 
     root, rec = tmp_path / "run", tmp_path / "record"
-    crash = [{"class_path": "fit_callbacks.CrashAtStep", "init_args": {"step": 5}}]
-    config = fit_config(tmp_path / "crash.yaml", corpus, root, rec, callbacks=crash)
+    crash = ({"class_path": "fit_callbacks.CrashAtStep", "init_args": {"step": 5}},)
+    config = fit_config(tmp_path / "crash.yaml", root, rec, callbacks=crash)
     with pytest.raises(RuntimeError, match="simulated crash at step 5"):
         main(["fit", "--config", str(config)])
     ckpt = torch.load(root / "checkpoints" / "last.ckpt", weights_only=False)
@@ -82,7 +73,7 @@ def test_crash_and_resume_reads_the_same_batches_and_logs_the_same_losses(tmp_pa
         [
             "fit",
             "--config",
-            str(fit_config(tmp_path / "resume.yaml", corpus, root, rec)),
+            str(fit_config(tmp_path / "resume.yaml", root, rec)),
             "--ckpt_path",
             "last",
         ]

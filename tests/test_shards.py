@@ -315,32 +315,23 @@ def test_fit_resumes_mid_epoch_at_the_right_batch(shards: Path, tmp_path: Path, 
     assert first[:done] + second == whole
 
 
-def test_msm_fit_trains_from_shards_and_counts_corrupt_records(corpus: Path, tmp_path: Path) -> None:
+def test_msm_fit_trains_from_shards_and_counts_corrupt_records(
+    corpus: Path, tmp_path: Path, write_fit_config
+) -> None:
     import csv
-
-    import yaml
 
     folder = tmp_path / "shards"
     write_shards(corpus.parent, folder, chunk_mb=0.25, workers=1, progress=False)
     corrupt(folder, 2)
     root = tmp_path / "run"
-    cfg = {
-        "seed_everything": 0,
-        "trainer": {
-            "default_root_dir": str(root),
-            "accelerator": "cpu",
-            "devices": 1,
-            "max_steps": 7,
-            "max_epochs": -1,
-            "log_every_n_steps": 1,
-            "enable_progress_bar": False,
-        },
-        "model": {"family": "transformer", "size": "tiny", "warmup_steps": 2},
-        "data": {"shards": str(folder), "batch_size": 2, "num_workers": 1},
-        "checkpoint": {"every_n_train_steps": 3},
-    }
-    config = tmp_path / "fit.yaml"
-    config.write_text(yaml.safe_dump(cfg))
+    config = write_fit_config(
+        tmp_path / "fit.yaml",
+        root,
+        {"shards": folder, "num_workers": 1},
+        trainer={"max_steps": 7},
+        model={"warmup_steps": 2},
+        checkpoint={"every_n_train_steps": 3},
+    )
     main(["fit", "--config", str(config)])
     state = torch.load(root / "checkpoints" / "last.ckpt", weights_only=False)
     assert state["global_step"] == 7
@@ -356,34 +347,19 @@ def test_msm_fit_trains_from_shards_and_counts_corrupt_records(corpus: Path, tmp
 
 
 @pytest.mark.slow
-def test_ddp_ranks_train_on_disjoint_records(shards: Path, tmp_path: Path) -> None:
+def test_ddp_ranks_train_on_disjoint_records(shards: Path, tmp_path: Path, write_fit_config) -> None:
     """Two CPU processes under DDP: each rank's share comes from litdata's view of the real process group."""
     import json
     import os
     import subprocess
     import sys
 
-    import yaml
-
     rec = tmp_path / "record"
-    cfg = {
-        "seed_everything": 0,
-        "trainer": {
-            "default_root_dir": str(tmp_path / "run"),
-            "accelerator": "cpu",
-            "devices": 2,
-            "strategy": "ddp",
-            "num_nodes": 1,
-            "max_steps": 3,
-            "max_epochs": -1,
-            "enable_progress_bar": False,
-            "callbacks": [{"class_path": "fit_callbacks.RecordRun", "init_args": {"out_dir": str(rec)}}],
-        },
-        "model": {"family": "transformer", "size": "tiny", "warmup_steps": 1},
-        "data": {"shards": str(shards), "batch_size": 2, "num_workers": 1},
-    }
-    config = tmp_path / "ddp.yaml"
-    config.write_text(yaml.safe_dump(cfg))
+    recorder = {"class_path": "fit_callbacks.RecordRun", "init_args": {"out_dir": str(rec)}}
+    trainer = {"devices": 2, "strategy": "ddp", "num_nodes": 1, "max_steps": 3, "callbacks": [recorder]}
+    config = write_fit_config(
+        tmp_path / "ddp.yaml", tmp_path / "run", {"shards": shards, "num_workers": 1}, trainer=trainer
+    )
     tests = str(Path(__file__).parent)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "msm_lightning", "fit", "--config", str(config)]

@@ -71,14 +71,11 @@ def test_job_layouts_lightning_cannot_run_are_refused():
     assert slurm_job_id({**single, "SLURM_ARRAY_JOB_ID": "40", "SLURM_ARRAY_TASK_ID": "3"}) == "40_3"
 
 
-def test_msm_fit_stops_on_a_mismatch_before_training(tmp_path, monkeypatch):
+def test_msm_fit_stops_on_a_mismatch_before_training(tmp_path, monkeypatch, write_fit_config):
     manifest = make_corpus(tmp_path / "corpus", n_files=4, seed=0)
-    cfg = {
-        "trainer": {"default_root_dir": str(tmp_path / "run"), "accelerator": "cpu", "max_steps": 1},
-        "data": {"manifest": str(manifest), "batch_size": 2, "num_workers": 0},
-    }
-    config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump(cfg))
+    config = write_fit_config(
+        tmp_path / "c.yaml", tmp_path / "run", {"manifest": manifest}, trainer={"max_steps": 1}
+    )
     for key, value in step_env(nodes=2, per_node=1).items():
         monkeypatch.setenv(key, value)
     with pytest.raises(SystemExit, match=r"msm fit: the config asks for trainer.num_nodes=1 .* 2 node\(s\)"):

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from msm_lightning.cli import main
 from msm_lightning.datasets.synth import fixed_batch, make_corpus
@@ -45,29 +44,6 @@ def test_tiny_model_loss_decreases_on_a_fixed_batch(family):
     assert min(losses[-3:]) < min(losses[:3]), losses
 
 
-def write_config(path: Path, manifest: Path, root: Path, **sections) -> Path:
-    """A small CPU config; keyword sections are merged into the defaults."""
-    cfg = {
-        "seed_everything": 0,
-        "trainer": {
-            "default_root_dir": str(root),
-            "accelerator": "cpu",
-            "devices": 1,
-            "max_steps": 6,
-            "max_epochs": -1,
-            "log_every_n_steps": 1,
-            "enable_progress_bar": False,
-        },
-        "model": {"family": "transformer", "size": "tiny", "warmup_steps": 2, "base_lr": 0.032},
-        "data": {"manifest": str(manifest), "batch_size": 2, "num_workers": 0},
-        "checkpoint": {"every_n_train_steps": 2},
-    }
-    for key, value in sections.items():
-        cfg[key] = {**cfg.get(key, {}), **value}
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
     return make_corpus(tmp_path_factory.mktemp("corpus"), n_files=12, seed=0, n_corrupt=2)
@@ -77,19 +53,23 @@ def read_record(folder: Path, rank: int = 0) -> dict:
     return json.loads((folder / f"rank{rank}.json").read_text())
 
 
-def test_fit_crash_and_resume_continues_the_global_step(tmp_path, corpus, capsys):
+def test_fit_crash_and_resume_continues_the_global_step(tmp_path, corpus, capsys, write_fit_config):
     root, rec = tmp_path / "run", tmp_path / "record"
-    crash = {"callbacks": [{"class_path": "fit_callbacks.CrashAtStep", "init_args": {"step": 5}}]}
-    config = write_config(tmp_path / "crash.yaml", corpus, root, trainer=crash)
+
+    def config(name: str, callback: dict) -> Path:
+        trainer = {"callbacks": [callback], "max_steps": 6}
+        model = {"warmup_steps": 2, "base_lr": 0.032}
+        return write_fit_config(tmp_path / name, root, {"manifest": corpus}, trainer=trainer, model=model)
+
+    crash = {"class_path": "fit_callbacks.CrashAtStep", "init_args": {"step": 5}}
     with pytest.raises(RuntimeError, match="simulated crash at step 5"):
-        main(["fit", "--config", str(config)])
+        main(["fit", "--config", str(config("crash.yaml", crash))])
     ckpts = root / "checkpoints"
     assert (ckpts / "last.ckpt").exists()
     assert torch.load(ckpts / "last.ckpt", weights_only=False)["global_step"] == 4
 
-    record = {"callbacks": [{"class_path": "fit_callbacks.RecordRun", "init_args": {"out_dir": str(rec)}}]}
-    config = write_config(tmp_path / "resume.yaml", corpus, root, trainer=record)
-    main(["fit", "--config", str(config), "--ckpt_path", "last"])
+    record = {"class_path": "fit_callbacks.RecordRun", "init_args": {"out_dir": str(rec)}}
+    main(["fit", "--config", str(config("resume.yaml", record)), "--ckpt_path", "last"])
     run = read_record(rec)
     assert (run["start_step"], run["end_step"]) == (4, 6)
     assert torch.load(ckpts / "last.ckpt", weights_only=False)["global_step"] == 6
@@ -104,26 +84,21 @@ def test_fit_crash_and_resume_continues_the_global_step(tmp_path, corpus, capsys
     assert max(lrs) == pytest.approx(0.032 * 2 / 256)
 
 
-def test_last_checkpoint_holds_the_final_step_between_intervals(tmp_path, corpus):
+def test_last_checkpoint_holds_the_final_step_between_intervals(tmp_path, corpus, write_fit_config):
     # 5 steps with a checkpoint every 2: ModelCheckpoint alone would leave last.ckpt at step 4.
     root = tmp_path / "run"
-    config = write_config(tmp_path / "odd.yaml", corpus, root, trainer={"max_steps": 5})
+    config = write_fit_config(tmp_path / "odd.yaml", root, {"manifest": corpus}, trainer={"max_steps": 5})
     main(["fit", "--config", str(config)])
     ckpts = root / "checkpoints"
     assert torch.load(ckpts / "last.ckpt", weights_only=False)["global_step"] == 5
     assert torch.load(ckpts / "step00000004.ckpt", weights_only=False)["global_step"] == 4
 
 
-def test_bad_files_are_skipped_counted_and_logged(tmp_path):
+def test_bad_files_are_skipped_counted_and_logged(tmp_path, write_fit_config):
     manifest = make_corpus(tmp_path / "corpus", n_files=6, seed=3, n_corrupt=3)
     root = tmp_path / "run"
-    config = write_config(
-        tmp_path / "bad.yaml",
-        manifest,
-        root,
-        trainer={"max_steps": -1, "max_epochs": 1},
-        model={"warmup_steps": 1},
-    )
+    trainer = {"max_steps": -1, "max_epochs": 1}
+    config = write_fit_config(tmp_path / "bad.yaml", root, {"manifest": manifest}, trainer=trainer)
     with pytest.warns(UserWarning, match="skipping"):
         main(["fit", "--config", str(config)])
     metrics = list(csv.DictReader(next((root / "logs").rglob("metrics.csv")).open()))
@@ -131,14 +106,15 @@ def test_bad_files_are_skipped_counted_and_logged(tmp_path):
     assert skipped and skipped[-1] >= 3  # every bad file is met at least once in an epoch
 
 
-def test_ddp_two_cpu_processes_read_different_crops_and_agree_on_weights(tmp_path, corpus):
+def test_ddp_two_cpu_processes_read_different_crops_and_agree_on_weights(tmp_path, corpus, write_fit_config):
     import os
     import subprocess
     import sys
 
     rec = tmp_path / "record"
     record = {"callbacks": [{"class_path": "fit_callbacks.RecordRun", "init_args": {"out_dir": str(rec)}}]}
-    config = write_config(tmp_path / "ddp.yaml", corpus, tmp_path / "run", trainer={**record, "max_steps": 3})
+    trainer = {**record, "max_steps": 3}
+    config = write_fit_config(tmp_path / "ddp.yaml", tmp_path / "run", {"manifest": corpus}, trainer=trainer)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
     cmd = [
         sys.executable,
