@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -11,7 +12,14 @@ from msm_lightning.datasets.synth import make_corpus
 from msm_lightning.datasets.synth_tasks import make_tasks
 from msm_lightning.pipelines import demo, inputs, runs, stages
 from msm_lightning.pipelines.benchmark import BenchmarkSettings, run_benchmark
-from msm_lightning.pipelines.cli import benchmark_settings, demo_settings
+from msm_lightning.pipelines.budget import BudgetSettings
+from msm_lightning.pipelines.cli import (
+    benchmark_parser,
+    benchmark_settings,
+    budget_parser,
+    demo_parser,
+    demo_settings,
+)
 from msm_lightning.pipelines.demo import run_demo
 from msm_lightning.pipelines.speed import demo_steps
 
@@ -34,6 +42,21 @@ def test_command_lines_give_the_library_defaults():
     assert benchmark_settings([]) == BenchmarkSettings()
     settings = benchmark_settings(["--no-peers", "--families", "mamba", "--fit-args", "--a", "1"])
     assert not settings.peers and settings.families == ("mamba",) and settings.fit_args == ("--a", "1")
+
+
+@pytest.mark.parametrize(
+    ("parser", "cls"),
+    [
+        (demo_parser, demo.DemoSettings),
+        (benchmark_parser, BenchmarkSettings),
+        (budget_parser, BudgetSettings),
+    ],
+)
+def test_every_option_reaches_a_settings_field(parser, cls):
+    # Options map to settings fields by name (--no-x to x): a new option without its field would be dropped.
+    fields = {f.name for f in dataclasses.fields(cls)}
+    options = {a.dest.removeprefix("no_") for a in parser()._actions if a.dest != "help"}
+    assert options <= fields, options - fields
 
 
 def test_a_run_folder_in_use_is_refused_and_a_stale_lock_taken_over(tmp_path):

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 from msm_lightning.model.families import FAMILIES
 from msm_lightning.pipelines.benchmark import (
@@ -192,75 +194,42 @@ def budget_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Options holding a folder or file; each becomes a Path in the settings (None stays None).
+_PATH_OPTIONS = frozenset({"data", "out", "cache", "pretrain_root"})
+S = TypeVar("S")
+
+
+def _settings(cls: type[S], args: argparse.Namespace, **derived: Any) -> S:
+    """The settings dataclass `cls` from parsed options: each field from the option of its name (lists as
+    tuples, paths as Path) unless `derived` gives it; fields without an option keep their defaults."""
+    values = dict(derived)
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if f.name in values or not hasattr(args, f.name):
+            continue
+        value = getattr(args, f.name)
+        if isinstance(value, list):
+            value = tuple(value)
+        elif f.name in _PATH_OPTIONS and value is not None:
+            value = Path(value)
+        values[f.name] = value
+    return cls(**values)
+
+
 def demo_settings(argv: list[str]) -> DemoSettings:
     """The `msm demo` command line as settings."""
-    args = demo_parser().parse_args(argv)
-    return DemoSettings(
-        family=args.family,
-        minutes=args.minutes,
-        steps=args.steps,
-        max_per_split=args.max_per_split,
-        subset_seed=args.subset_seed,
-        seeds=args.seeds,
-        build_data=args.build_data,
-        cache=Path(args.cache),
-        data=Path(args.data),
-        out=Path(args.out),
-        eval_threads=args.eval_threads,
-        eval_workers=args.eval_workers,
-        num_workers=args.num_workers,
-        checkpoint_every=args.checkpoint_every,
-        max_epochs=args.max_epochs,
-        fit_args=tuple(args.fit_args),
-    )
+    return _settings(DemoSettings, demo_parser().parse_args(argv))
 
 
 def benchmark_settings(argv: list[str]) -> BenchmarkSettings:
     """The `msm benchmark` command line as settings."""
     args = benchmark_parser().parse_args(argv)
-    return BenchmarkSettings(
-        steps=args.steps,
-        families=tuple(args.families),
-        seeds=args.seeds,
-        grid=args.grid,
-        peers=not args.no_peers,
-        crepe_capacity=args.crepe_capacity,
-        max_per_split=args.max_per_split,
-        subset_seed=args.subset_seed,
-        data=Path(args.data),
-        out=Path(args.out),
-        eval_threads=args.eval_threads,
-        eval_workers=args.eval_workers,
-        num_workers=args.num_workers,
-        checkpoint_every=args.checkpoint_every,
-        max_epochs=args.max_epochs,
-        fit_args=tuple(args.fit_args),
-    )
+    return _settings(BenchmarkSettings, args, peers=not args.no_peers)
 
 
 def budget_settings(argv: list[str]) -> BudgetSettings:
     """The `msm budget` command line as settings."""
     args = budget_parser().parse_args(argv)
-    return BudgetSettings(
-        families=tuple(args.families),
-        total_steps=args.total_steps,
-        first_step=args.first_step,
-        checkpoint_every=args.checkpoint_every,
-        seeds=args.seeds,
-        grid=args.grid,
-        max_per_split=args.max_per_split,
-        subset_seed=args.subset_seed,
-        data=Path(args.data),
-        out=Path(args.out),
-        pretrain_root=Path(args.pretrain_root) if args.pretrain_root else None,
-        pretrain=not args.no_pretrain,
-        evaluate=not args.no_evaluate,
-        eval_threads=args.eval_threads,
-        eval_workers=args.eval_workers,
-        num_workers=args.num_workers,
-        max_epochs=args.max_epochs,
-        fit_args=tuple(args.fit_args),
-    )
+    return _settings(BudgetSettings, args, pretrain=not args.no_pretrain, evaluate=not args.no_evaluate)
 
 
 def _finish(p: Pipeline, outputs: str) -> None:
