@@ -228,6 +228,13 @@ def test_cli_three_seeds_gives_interval(emb, tmp_path):
     assert entry["mean"] == pytest.approx(np.mean(entry["test_scores"]))
     expected_ci = t_quantile(0.975, 2) * np.std(entry["test_scores"], ddof=1) / math.sqrt(3)
     assert entry["ci95"] == pytest.approx(expected_ci)
+    # The validation view: per seed the chosen probe's validation score, averaged over the data splits.
+    assert entry["valid_metric"] == "top1_acc"
+    score.main([str(out), "--split", "valid", "--out", str(tmp_path / "valid"), "--no-plot"])
+    valid = [np.mean([s["val_score"] for s in run["splits"]]) for run in entry["runs"]]
+    view = score.validation_view(score.load_results([out]))["toy_model"]["tasks"]["tvt_mc"]
+    assert view["test_scores"] == pytest.approx(valid) and view["mean"] == pytest.approx(np.mean(valid))
+    assert (tmp_path / "valid.md").read_text().startswith("Validation splits")
     assert len(entry["chosen_hparams"]) == 3 and entry["primary_metric"] == "top1_acc"
     assert entry["wall_time_s"] > 0 and all(e >= 1 for per_seed in entry["best_epochs"] for e in per_seed)
     table = (out / "toy_model.md").read_text()
@@ -362,6 +369,33 @@ def test_score_normalised_aggregate(tmp_path):
     )
     pytest.importorskip("matplotlib")
     assert prefix.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_validation_view_scores_the_chosen_probes_on_the_valid_splits(tmp_path):
+    def with_runs(model: str, val: list[list[float]], valid_metric: str | None) -> dict:
+        result = fake_result(model, {"t1": (list(range(len(val))), [0.9] * len(val), None)})
+        runs = [{"splits": [{"val_score": v} for v in seed]} for seed in val]
+        result["tasks"]["t1"]["runs"] = runs
+        if valid_metric is not None:
+            result["tasks"]["t1"]["valid_metric"] = valid_metric
+        return result
+
+    results = {
+        "A": with_runs("A", [[0.2, 0.4], [0.5, 0.5]], "top1_acc"),
+        "B": with_runs("B", [[0.6], [0.8]], "top1_acc"),
+    }
+    view = score.validation_view(results)
+    assert view["A"]["tasks"]["t1"]["test_scores"] == pytest.approx([0.3, 0.5])
+    assert score.compare(view).s == pytest.approx({"A": 0.0, "B": 100.0})  # the test scores tie at 0.9
+    # Probes chosen on the loss: the view scores the loss, lower is better.
+    losses = {"A": with_runs("A", [[0.2], [0.2]], "loss"), "B": with_runs("B", [[0.6], [0.8]], "loss")}
+    c = score.compare(score.validation_view(losses))
+    assert c.metrics["t1"] == "loss" and not c.higher["t1"] and c.s == pytest.approx({"A": 100.0, "B": 0.0})
+    # A result that does not record it, with no embeddings to ask: refused, naming model and task.
+    old = {"A": with_runs("A", [[0.2]], None)}
+    old["A"]["embedding_dir"] = str(tmp_path / "gone")
+    with pytest.raises(ValueError, match=r"model 'A', task 't1'.*gone"):
+        score.validation_view(old)
 
 
 def test_score_rejects_bad_inputs(tmp_path):

@@ -346,6 +346,7 @@ def summarise(task: TaskData, runs: list[dict[str, Any]], protocol: dict[str, An
         "embedding_type": task.metadata["embedding_type"],
         "n_splits": len(task.data_splits()),
         "embedding_dim": task.dim,
+        "valid_metric": monitored_metric(task) or "loss",  # what each split's `val_score` is
         "seeds": [r["seed"] for r in runs],
         "test_scores": per_metric[primary]["per_seed"],
         "mean": per_metric[primary]["mean"],

@@ -81,6 +81,52 @@ def load_results(paths: list[str | Path]) -> dict[str, dict[str, Any]]:
     return results
 
 
+def validation_view(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The results with every task scored on its validation splits instead of its test splits.
+
+    A seed's score is its chosen probe's validation score (`val_score`: the primary metric, or the loss
+    when the task selects on the loss) averaged over the data splits, so that recipe choices can be made
+    without looking at a test score.
+    """
+    view: dict[str, dict[str, Any]] = {}
+    for model, data in results.items():
+        tasks = {}
+        for key, entry in data["tasks"].items():
+            runs = entry.get("runs")
+            if not isinstance(runs, list) or not runs:
+                raise ValueError(
+                    f"model {model!r}, task {key!r}: no per-seed `runs` to read validation scores from"
+                )
+            per_seed = [float(np.mean([s["val_score"] for s in run["splits"]])) for run in runs]
+            mean, ci = mean_ci95(per_seed)
+            metric = _valid_metric(data, key, entry, model)
+            tasks[key] = {
+                **{k: v for k, v in entry.items() if k not in ("test_metrics", "runs")},
+                "primary_metric": metric,
+                "higher_is_better": metric != "loss" and entry.get("higher_is_better", True),
+                "test_scores": per_seed,
+                "mean": mean,
+                "ci95": ci,
+            }
+        view[model] = {**data, "tasks": tasks}
+    return view
+
+
+def _valid_metric(data: dict[str, Any], key: str, entry: dict[str, Any], model: str) -> str:
+    """What a task's `val_score`s are; results written before `valid_metric` was recorded ask the task."""
+    if "valid_metric" in entry:
+        return entry["valid_metric"]
+    metadata = Path(data.get("embedding_dir", "")) / key / "task_metadata.json"
+    if not metadata.is_file():
+        raise ValueError(
+            f"model {model!r}, task {key!r}: the result does not say whether its probes were chosen on "
+            f"{entry['primary_metric']} or on the loss, and {metadata} is not there to tell "
+            "(re-run msm evaluate)"
+        )
+    scoring = read_json_file(metadata, "task metadata").get("use_scoring_for_early_stopping", True)
+    return entry["primary_metric"] if scoring else "loss"
+
+
 def _is_result(data: Any) -> bool:
     return isinstance(data, dict) and isinstance(data.get("tasks"), dict)
 
@@ -165,7 +211,7 @@ def _aggregate(
 
 
 def _percent(metric: str) -> bool:
-    return metric != "d_prime"
+    return metric not in ("d_prime", "loss")
 
 
 def fmt(mean: float, ci: float | None, scale: float = 1.0, digits: int = 1) -> str:
@@ -241,9 +287,16 @@ def main(argv: list[str]) -> None:
     p.add_argument("results", nargs="+", help="result JSONs of msm evaluate, or folders holding them")
     p.add_argument("--out", type=Path, required=True, help="OUT_PREFIX: writes OUT_PREFIX.md/.csv/.png")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG (no matplotlib needed)")
+    p.add_argument(
+        "--split",
+        choices=("test", "valid"),
+        default="test",
+        help="score the test splits (default) or the chosen probes' validation scores, for recipe choices",
+    )
     args = p.parse_args(argv)
     try:
-        c = compare(load_results(args.results))
+        results = load_results(args.results)
+        c = compare(validation_view(results) if args.split == "valid" else results)
     except ValueError as err:
         raise SystemExit(f"msm score: {err}") from err
     for w in c.warnings:
@@ -251,6 +304,11 @@ def main(argv: list[str]) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     out = {ext: args.out.with_name(args.out.name + ext) for ext in (".md", ".csv", ".png")}
     table = markdown(c)
+    if args.split == "valid":
+        table = (
+            "Validation splits: each seed's chosen probe, its validation score averaged over data splits.\n\n"
+            + table
+        )
     atomic_write_text(out[".md"], table)
     write_csv(c, out[".csv"])
     written = [out[".md"], out[".csv"]]
