@@ -8,14 +8,13 @@ Every stage's wall time goes to `<out>/benchmark.json` (kept across reruns).
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from msm_lightning.model.families import FAMILIES
 from msm_lightning.pipelines.contenders import LOGMEL, RESEMBLYZER, crepe, pretrained, random_twin
-from msm_lightning.pipelines.inputs import DEFAULT_DATA, check_data, check_peers
-from msm_lightning.pipelines.runs import Pipeline, Runner, StageLog, run_command, run_lock
+from msm_lightning.pipelines.inputs import check_data, check_peers
+from msm_lightning.pipelines.runs import Pipeline, Runner, RunSettings, StageLog, run_command, run_lock
 from msm_lightning.pipelines.stages import (
     EvalSettings,
     PretrainSpec,
@@ -35,7 +34,7 @@ BENCHMARK_OUT = "runs/benchmark"
 
 
 @dataclass(frozen=True)
-class BenchmarkSettings:
+class BenchmarkSettings(RunSettings):
     """Everything `msm benchmark` is run with (the command's options)."""
 
     steps: int = BENCHMARK_STEPS  # pretraining steps of every family
@@ -45,15 +44,7 @@ class BenchmarkSettings:
     peers: bool = True  # CREPE and Resemblyzer (the `peers` extra)
     crepe_capacity: str = "tiny"
     max_per_split: int = BENCHMARK_MAX_PER_SPLIT  # 0: the full tasks
-    subset_seed: int = 0
-    data: Path = Path(DEFAULT_DATA)
     out: Path = Path(BENCHMARK_OUT)
-    eval_threads: int = 1
-    eval_workers: int = field(default_factory=lambda: os.cpu_count() or 1)
-    num_workers: int = 1  # audio loader workers of msm fit
-    checkpoint_every: int = 100
-    max_epochs: int | None = None  # probe epochs cap, only to make tests fast
-    fit_args: tuple[str, ...] = ()  # further `msm fit` overrides
 
 
 def run_benchmark(settings: BenchmarkSettings, runner: Runner = run_command) -> Pipeline:

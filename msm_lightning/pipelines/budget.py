@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 import sys
 import threading
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +30,16 @@ from msm_lightning.evaluation.metrics import PERCENT_METRICS
 from msm_lightning.model.families import FAMILIES
 from msm_lightning.pipelines.benchmark import BENCHMARK_MAX_PER_SPLIT, BENCHMARK_SEEDS
 from msm_lightning.pipelines.contenders import LOGMEL, Contender, at_step, random_twin
-from msm_lightning.pipelines.inputs import DEFAULT_DATA, check_data, task_names
-from msm_lightning.pipelines.runs import Pipeline, Runner, StageLog, fmt_seconds, run_command, run_lock
+from msm_lightning.pipelines.inputs import check_data, task_names
+from msm_lightning.pipelines.runs import (
+    Pipeline,
+    Runner,
+    RunSettings,
+    StageLog,
+    fmt_seconds,
+    run_command,
+    run_lock,
+)
 from msm_lightning.pipelines.stages import (
     EvalSettings,
     PretrainSpec,
@@ -56,7 +63,7 @@ READY_AGE_SECONDS = 10.0
 
 
 @dataclass(frozen=True)
-class BudgetSettings:
+class BudgetSettings(RunSettings):
     """Everything `msm budget` is run with (the command's options)."""
 
     families: tuple[str, ...] = tuple(FAMILIES)
@@ -66,17 +73,10 @@ class BudgetSettings:
     seeds: int = BENCHMARK_SEEDS
     grid: str = "restricted"
     max_per_split: int = BENCHMARK_MAX_PER_SPLIT  # 0: the full tasks
-    subset_seed: int = 0
-    data: Path = Path(DEFAULT_DATA)
     out: Path = Path(BUDGET_OUT)
     pretrain_root: Path | None = None  # one `msm fit` run folder per family; default <out>/pretrain
     pretrain: bool = True
     evaluate: bool = True
-    eval_threads: int = 1
-    eval_workers: int = field(default_factory=lambda: os.cpu_count() or 1)
-    num_workers: int = 1  # audio loader workers of msm fit
-    max_epochs: int | None = None  # probe epochs cap, only to make tests fast
-    fit_args: tuple[str, ...] = ()  # further `msm fit` overrides
     poll_seconds: float = 60.0  # how often the evaluation looks for new checkpoints while pretraining runs
 
     @property

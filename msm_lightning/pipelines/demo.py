@@ -8,15 +8,14 @@ twin and the log-mel baseline. Resumable: a rerun skips finished stages. Every s
 
 from __future__ import annotations
 
-import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from msm_lightning.model.families import FAMILIES
 from msm_lightning.pipelines.contenders import LOGMEL, pretrained, random_twin
-from msm_lightning.pipelines.inputs import DEFAULT_CACHE, DEFAULT_DATA, check_data
-from msm_lightning.pipelines.runs import Pipeline, Runner, StageLog, run_command, run_lock
+from msm_lightning.pipelines.inputs import DEFAULT_CACHE, check_data
+from msm_lightning.pipelines.runs import Pipeline, Runner, RunSettings, StageLog, run_command, run_lock
 from msm_lightning.pipelines.speed import demo_steps, measure_seconds_per_step
 from msm_lightning.pipelines.stages import (
     PRETRAIN_CONFIG,
@@ -40,25 +39,17 @@ DEMO_OUT = "runs/demo-real"
 
 
 @dataclass(frozen=True)
-class DemoSettings:
+class DemoSettings(RunSettings):
     """Everything `msm demo` is run with (the command's options)."""
 
     family: str = "mamba"
     minutes: float = 10.0  # pretraining wall-time bound
     steps: int | None = None  # lr-schedule length; None: planned from this machine's measured speed
     max_per_split: int = DEMO_MAX_PER_SPLIT
-    subset_seed: int = 0
     seeds: int = DEMO_SEEDS
     build_data: bool = False  # run `msm data build` first when the data is missing
     cache: Path = Path(DEFAULT_CACHE)
-    data: Path = Path(DEFAULT_DATA)
     out: Path = Path(DEMO_OUT)
-    eval_threads: int = 1
-    eval_workers: int = field(default_factory=lambda: os.cpu_count() or 1)
-    num_workers: int = 1  # audio loader workers of msm fit
-    checkpoint_every: int = 100
-    max_epochs: int | None = None  # probe epochs cap, only to make tests fast
-    fit_args: tuple[str, ...] = ()  # further `msm fit` overrides
 
 
 def run_demo(settings: DemoSettings, runner: Runner = run_command) -> Pipeline:

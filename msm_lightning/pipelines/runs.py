@@ -7,18 +7,35 @@ progress bar; the stage log keeps every stage's wall time in the run folder acro
 from __future__ import annotations
 
 import datetime
+import os
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from msm_lightning.pipelines.inputs import DEFAULT_DATA
 from msm_lightning.safe_io import LockedError, UnsafeFileError, atomic_write_json, file_lock, read_json_file
 
 Runner = Callable[[list[str]], int]
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """The options every pipeline command shares; each command's settings add theirs and set `out`."""
+
+    data: Path = Path(DEFAULT_DATA)  # output of `msm data build`
+    out: Path = Path("runs")  # the run folder
+    subset_seed: int = 0  # seed of the task subset's choice
+    eval_threads: int = 1
+    eval_workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    num_workers: int = 1  # audio loader workers of msm fit
+    checkpoint_every: int = 100
+    max_epochs: int | None = None  # probe epochs cap, only to make tests fast
+    fit_args: tuple[str, ...] = ()  # further `msm fit` overrides
 
 
 def tool_command(tool: str, args: list[str | Path]) -> list[str]:
