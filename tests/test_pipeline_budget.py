@@ -39,6 +39,10 @@ def test_target_steps_double_up_to_the_schedule_length():
     assert budget_steps(100, 100) == [100]
     with pytest.raises(ValueError):
         budget_steps(500, 250)
+    assert budget_steps(250, 8000, last=1000) == [250, 500, 1000]  # a fixed budget of a longer schedule
+    assert budget_steps(250, 8000, last=1500) == [250, 500, 1000, 1500]
+    with pytest.raises(ValueError, match="last step"):
+        budget_steps(250, 1000, last=2000)
 
 
 def test_command_line_gives_the_library_defaults():
@@ -297,6 +301,18 @@ def test_adopted_run_folders_resume_and_evaluation_alone_takes_what_exists(setti
         "| SSAM-T | not within 500 steps | not within 500 steps | 750 steps |"
         in (settings.out / budget.TABLE_FILE).read_text()
     )
+
+
+def test_last_step_stops_a_run_whose_schedule_is_planned_longer(settings):
+    tools = FakeTools({})
+    variant = {**settings.__dict__, "families": ("transformer",), "last_step": 500, "fit_args": ("--x", "1")}
+    run_budget(BudgetSettings(**variant), runner=tools)
+    fits = [args for tool, args in tools.calls if tool == "fit"]
+    assert [int(a[a.index("--trainer.max_steps") + 1]) for a in fits] == [250, 500]
+    assert {a[a.index("--model.schedule_steps") + 1] for a in fits} == {"1000"}
+    assert all("--x" in a for a in fits)
+    names = [a[a.index("--name") + 1] for t, a in tools.calls if t == "evaluate"]
+    assert names == ["SSAST-T-random", "log-mel", "SSAST-T-step250", "SSAST-T-step500"]
 
 
 def test_targets_must_have_their_checkpoints(settings):

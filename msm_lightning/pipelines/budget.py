@@ -69,6 +69,7 @@ class BudgetSettings(RunSettings):
     families: tuple[str, ...] = tuple(FAMILIES)
     total_steps: int = BUDGET_TOTAL_STEPS  # the lr schedule's length and the last target
     first_step: int = BUDGET_FIRST_STEP  # the first target; each next one doubles it
+    last_step: int | None = None  # stop here (a fixed budget, e.g. for recipe choices); default total_steps
     checkpoint_every: int = BUDGET_FIRST_STEP
     seeds: int = BENCHMARK_SEEDS
     grid: str = "restricted"
@@ -87,19 +88,21 @@ class BudgetSettings(RunSettings):
     @property
     def steps(self) -> list[int]:
         """The target steps: where each round stops and which checkpoints are evaluated."""
-        return budget_steps(self.first_step, self.total_steps)
+        return budget_steps(self.first_step, self.total_steps, self.last_step)
 
 
-def budget_steps(first: int, total: int) -> list[int]:
-    """Log-spaced target steps: first, 2 x first, 4 x first, ... while below total, then total."""
-    if first < 1 or total < first:
-        raise ValueError(f"need 1 <= first step ({first}) <= total steps ({total})")
+def budget_steps(first: int, total: int, last: int | None = None) -> list[int]:
+    """Log-spaced target steps: first, 2 x first, 4 x first, ... while below `last` (default total), then
+    `last`."""
+    last = total if last is None else last
+    if first < 1 or last < first or total < last:
+        raise ValueError(f"need 1 <= first step ({first}) <= last step ({last}) <= total steps ({total})")
     steps = []
     step = first
-    while step < total:
+    while step < last:
         steps.append(step)
         step *= 2
-    return [*steps, total]
+    return [*steps, last]
 
 
 def run_budget(settings: BudgetSettings, runner: Runner = run_command) -> Pipeline:
@@ -108,13 +111,13 @@ def run_budget(settings: BudgetSettings, runner: Runner = run_command) -> Pipeli
     if not (s.pretrain or s.evaluate):
         raise SystemExit("msm budget: --no-pretrain and --no-evaluate leave nothing to do")
     try:
-        budget_steps(s.first_step, s.total_steps)
+        steps = s.steps
     except ValueError as err:
         raise SystemExit(f"msm budget: {err}") from err
-    if s.checkpoint_every < 1 or s.first_step % s.checkpoint_every or s.total_steps % s.checkpoint_every:
+    if s.checkpoint_every < 1 or any(step % s.checkpoint_every for step in (s.first_step, steps[-1])):
         # Every target step must have its own kept checkpoint to be evaluated.
         raise SystemExit(
-            f"msm budget: --first-step ({s.first_step}) and --total-steps ({s.total_steps}) must be "
+            f"msm budget: --first-step ({s.first_step}) and the last step ({steps[-1]}) must be "
             f"multiples of --checkpoint-every ({s.checkpoint_every})"
         )
     with ExitStack() as locks:

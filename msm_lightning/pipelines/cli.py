@@ -172,6 +172,13 @@ def budget_parser() -> argparse.ArgumentParser:
         help=f"the first target step; each next one doubles it (default {BUDGET_FIRST_STEP})",
     )
     p.add_argument(
+        "--last-step",
+        type=int,
+        help="stop pretraining and evaluation at this step, the schedule still planned for --total-steps: "
+        "a fixed budget, e.g. to compare a recipe variant (--fit-args) with the main run (default: "
+        "--total-steps)",
+    )
+    p.add_argument(
         "--pretrain-root",
         help="folder of the pretraining runs, one `msm fit` run folder per family (default OUT/pretrain)",
     )
