@@ -398,6 +398,22 @@ def test_validation_view_scores_the_chosen_probes_on_the_valid_splits(tmp_path):
         score.validation_view(old)
 
 
+def test_score_labels_tell_apart_one_model_name_from_two_runs(tmp_path):
+    for run, value in (("main", 0.5), ("variant", 0.7)):
+        (tmp_path / run).mkdir()
+        (tmp_path / run / "m.json").write_text(
+            json.dumps(fake_result("SSAST-T-step1000", {"t1": ([0], [value], None)}))
+        )
+    with pytest.raises(ValueError, match="appears twice"):
+        score.load_results([tmp_path / "main" / "m.json", tmp_path / "variant" / "m.json"])
+    results = score.load_results(
+        [f"main={tmp_path / 'main' / 'm.json'}", f"variant={tmp_path / 'variant' / 'm.json'}"]
+    )
+    assert {m: r["tasks"]["t1"]["mean"] for m, r in results.items()} == {"main": 0.5, "variant": 0.7}
+    with pytest.raises(ValueError, match="LABEL=FILE"):
+        score.load_results([f"x={tmp_path / 'main'}"])
+
+
 def test_score_rejects_bad_inputs(tmp_path):
     (tmp_path / "x.json").write_text(json.dumps({"model": "x"}))
     with pytest.raises(SystemExit, match=r"x\.json: not an msm evaluate result"):

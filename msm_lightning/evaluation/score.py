@@ -50,9 +50,18 @@ class Comparison:
 
 
 def load_results(paths: list[str | Path]) -> dict[str, dict[str, Any]]:
-    """model name -> result JSON, from files or folders of `msm evaluate` JSONs."""
+    """model name -> result JSON, from files or folders of `msm evaluate` JSONs; `LABEL=FILE` renames one
+    result (e.g. the same model name from two runs)."""
     files: list[Path] = []
-    for p in map(Path, paths):
+    labels: dict[Path, str] = {}
+    for arg in map(str, paths):
+        p = Path(arg)
+        if "=" in arg and not p.exists():
+            label, file = arg.split("=", 1)
+            p = Path(file)
+            if not label or not p.is_file():
+                raise ValueError(f"{arg}: LABEL=FILE needs a label and a result file")
+            labels[p] = label
         if p.is_dir():
             # Every JSON file of the folder is read: one that does not parse (e.g. cut short by a crash) is an
             # error naming it, never silently left out; JSON that is not a result (no `tasks`) is passed over.
@@ -74,7 +83,7 @@ def load_results(paths: list[str | Path]) -> dict[str, dict[str, Any]]:
             ok = isinstance(entry, dict) and isinstance(entry.get("primary_metric"), str)
             if not ok or not _is_number(entry.get("mean")):
                 raise ValueError(f"{f}: task {task!r} has no `primary_metric` and numeric `mean`")
-        name = data.get("model") or f.stem
+        name = labels.get(f) or data.get("model") or f.stem
         if name in results:
             raise ValueError(f"model {name!r} appears twice: {origin[name]} and {f}")
         results[name], origin[name] = data, f
@@ -284,7 +293,11 @@ def main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(
         prog="msm score", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("results", nargs="+", help="result JSONs of msm evaluate, or folders holding them")
+    p.add_argument(
+        "results",
+        nargs="+",
+        help="result JSONs of msm evaluate, folders holding them, or LABEL=FILE to name one result",
+    )
     p.add_argument("--out", type=Path, required=True, help="OUT_PREFIX: writes OUT_PREFIX.md/.csv/.png")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG (no matplotlib needed)")
     p.add_argument(
