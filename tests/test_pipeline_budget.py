@@ -49,6 +49,7 @@ def test_command_line_gives_the_library_defaults():
     assert budget_settings([]) == BudgetSettings()
     s = budget_settings(["--no-pretrain", "--pretrain-root", "elsewhere", "--total-steps", "1000"])
     assert not s.pretrain and s.evaluate and s.pretrain_dir == Path("elsewhere") and s.steps[-1] == 1000
+    assert s.pretrain_root == Path("elsewhere") and isinstance(s.data, Path)  # Path fields get Paths
     assert BudgetSettings(out=Path("o")).pretrain_dir == Path("o") / "pretrain"
 
 

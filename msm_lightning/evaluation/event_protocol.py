@@ -62,7 +62,7 @@ from msm_lightning.evaluation.protocol import (
     summarise,
     varying,
 )
-from msm_lightning.evaluation.taskdata import EmbeddingFormatError, EventFrames, TaskData
+from msm_lightning.evaluation.taskdata import EmbeddingFormatError, EventFrames, TaskData, selection_metric
 
 # heareval's built-in task-specific grid values, keyed by task_name (its reason: "sed_eval is very slow").
 HEAREVAL_TASK_GRIDS: dict[str, dict[str, list[Any]]] = {"dcase2016_task2": {"check_val_every_n_epoch": [10]}}
@@ -161,7 +161,7 @@ def run_event_seed(
     start = time.time()
     configs = grid_configs(grid, seed, grid_points)
     primary = task.metrics[0]
-    scoring = task.metadata.get("use_scoring_for_early_stopping", True)
+    scoring = selection_metric(task.metadata) is not None
     maximise = event_metric(primary).maximise if scoring else False
     points = postprocessing_grid(task.metadata)
     shown = varying(grid)

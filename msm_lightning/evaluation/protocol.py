@@ -79,6 +79,7 @@ from msm_lightning.evaluation.taskdata import (
     find_tasks,
     load_task,
     read_metadata,
+    selection_metric,
 )
 from msm_lightning.safe_io import UnsafeFileError, atomic_write_json, atomic_write_text, read_json_file
 
@@ -187,7 +188,7 @@ def score_all(task: TaskData, probs: np.ndarray, targets: torch.Tensor) -> dict[
 
 def monitored_metric(task: TaskData) -> str | None:
     """The validation score that picks states and grid points: the primary metric, or None (the loss)."""
-    return task.metrics[0] if task.metadata.get("use_scoring_for_early_stopping", True) else None
+    return selection_metric(task.metadata)
 
 
 def split_data(task: TaskData, split: dict[str, list[str]], standardise: bool) -> tuple[Split, Split, Split]:

@@ -29,6 +29,8 @@ from typing import Any
 import numpy as np
 
 from msm_lightning.evaluation.metrics import mean_ci95
+from msm_lightning.evaluation.taskdata import selection_metric
+from msm_lightning.hear.layout import metadata_path, read_task_metadata
 from msm_lightning.safe_io import atomic_path, atomic_write_text, read_json_file
 
 
@@ -125,15 +127,14 @@ def _valid_metric(data: dict[str, Any], key: str, entry: dict[str, Any], model: 
     """What a task's `val_score`s are; results written before `valid_metric` was recorded ask the task."""
     if "valid_metric" in entry:
         return entry["valid_metric"]
-    metadata = Path(data.get("embedding_dir", "")) / key / "task_metadata.json"
-    if not metadata.is_file():
+    task_dir = Path(data.get("embedding_dir", "")) / key
+    if not metadata_path(task_dir).is_file():
         raise ValueError(
             f"model {model!r}, task {key!r}: the result does not say whether its probes were chosen on "
-            f"{entry['primary_metric']} or on the loss, and {metadata} is not there to tell "
+            f"{entry['primary_metric']} or on the loss, and {metadata_path(task_dir)} is not there to tell "
             "(re-run msm evaluate)"
         )
-    scoring = read_json_file(metadata, "task metadata").get("use_scoring_for_early_stopping", True)
-    return entry["primary_metric"] if scoring else "loss"
+    return selection_metric(read_task_metadata(task_dir)) or "loss"
 
 
 def _is_result(data: Any) -> bool:

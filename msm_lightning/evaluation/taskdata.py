@@ -135,6 +135,12 @@ def data_splits(split_mode: str, splits: list[str]) -> list[dict[str, list[str]]
     return out
 
 
+def selection_metric(metadata: dict[str, Any]) -> str | None:
+    """The validation score that picks probe states and grid points: the primary metric, or None when the
+    task selects on the loss (`use_scoring_for_early_stopping: false`)."""
+    return metadata["evaluation"][0] if metadata.get("use_scoring_for_early_stopping", True) else None
+
+
 def read_metadata(task_dir: Path) -> dict[str, Any]:
     """task_metadata.json, checked for the keys the protocol needs."""
     path = metadata_path(task_dir)

@@ -201,14 +201,12 @@ def budget_parser() -> argparse.ArgumentParser:
     return p
 
 
-# Options holding a folder or file; each becomes a Path in the settings (None stays None).
-_PATH_OPTIONS = frozenset({"data", "out", "cache", "pretrain_root"})
 S = TypeVar("S")
 
 
 def _settings(cls: type[S], args: argparse.Namespace, **derived: Any) -> S:
     """The settings dataclass `cls` from parsed options: each field from the option of its name (lists as
-    tuples, paths as Path) unless `derived` gives it; fields without an option keep their defaults."""
+    tuples, Path fields as Path) unless `derived` gives it; fields without an option keep their defaults."""
     values = dict(derived)
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
         if f.name in values or not hasattr(args, f.name):
@@ -216,7 +214,7 @@ def _settings(cls: type[S], args: argparse.Namespace, **derived: Any) -> S:
         value = getattr(args, f.name)
         if isinstance(value, list):
             value = tuple(value)
-        elif f.name in _PATH_OPTIONS and value is not None:
+        elif str(f.type).startswith("Path") and value is not None:  # annotations are strings here
             value = Path(value)
         values[f.name] = value
     return cls(**values)
