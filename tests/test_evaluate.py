@@ -425,3 +425,12 @@ def test_score_rejects_bad_inputs(tmp_path):
     (tmp_path / "b.json").write_text(json.dumps(b))
     with pytest.raises(SystemExit, match="different primary metrics"):
         score.main([str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--out", str(tmp_path / "o")])
+
+
+def test_the_grid_point_with_the_best_validation_score_wins_ties_to_the_earlier_and_nan_last():
+    """Scene and event protocols pick grid points with one rule: best score, earlier on ties, NaN never."""
+    nan = math.nan
+    assert evaluate.best_point([0.5, nan, 0.7, 0.7], maximise=True) == 2
+    assert evaluate.best_point([0.5, nan, 0.7, 0.5], maximise=False) == 0  # a loss or an error rate
+    assert evaluate.best_point([nan, 0.1], maximise=True) == 1
+    assert evaluate.best_point([nan, nan], maximise=False) == 0

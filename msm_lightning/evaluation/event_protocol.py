@@ -30,7 +30,6 @@ Differences from hear-eval-kit, besides those of the scene protocol (`protocol.p
 from __future__ import annotations
 
 import functools
-import math
 import time
 from concurrent.futures import Executor
 from dataclasses import asdict
@@ -56,9 +55,10 @@ from msm_lightning.evaluation.probe import (
 )
 from msm_lightning.evaluation.protocol import (
     Echo,
+    best_point,
     describe,
     grid_configs,
-    standardiser,
+    split_data,
     summarise,
     varying,
 )
@@ -170,10 +170,7 @@ def run_event_seed(
         return EventScorer(frames.files, frames.timestamps, frames.events, task.labels, points)
 
     def fit(config: ProbeConfig, j: int, split: dict[str, list[str]], tag: str) -> dict[str, Any]:
-        train, valid, test = (task.gather(split[k]) for k in ("train", "valid", "test"))
-        if standardise:
-            z = standardiser(train[0])
-            train, valid, test = ((z(x), y) for x, y in (train, valid, test))
+        train, valid, test = split_data(task, split, standardise)
         valid_scorer = scorer(task.gather_frames(split["valid"]))
         logger: Any = False
         if log_dir is not None:
@@ -215,12 +212,7 @@ def run_event_seed(
             f"{result.epochs_trained} ({result.time_s:.1f}s), postprocessing {run['postprocessing']}"
         )
 
-    def rank(i: int) -> tuple[bool, float]:
-        score = grid_runs[i]["result"].val_score
-        return math.isnan(score), -score if maximise else score
-
-    # min() keeps the first of equal ranks: a tie goes to the earlier grid point, as in heareval's sort.
-    best_i = min(range(len(configs)), key=rank)
+    best_i = best_point([r["result"].val_score for r in grid_runs], maximise)
     best = configs[best_i]
     split_runs = [grid_runs[best_i]]
     for j, split in enumerate(splits[1:], start=1):

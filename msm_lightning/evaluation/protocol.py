@@ -59,7 +59,7 @@ import multiprocessing
 import random
 import sys
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -200,14 +200,14 @@ def split_data(task: TaskData, split: dict[str, list[str]], standardise: bool) -
     return train, valid, test
 
 
-def best_point(outcomes: list[ProbeOutcome], monitor: str | None) -> int:
+def best_point(val_scores: Sequence[float], maximise: bool) -> int:
     """Index of the best validation score (NaN last); a tie goes to the earlier point, as in heareval."""
 
     def rank(i: int) -> tuple[bool, float]:
-        score = outcomes[i].val_score
-        return math.isnan(score), -score if monitor else score
+        score = val_scores[i]
+        return math.isnan(score), -score if maximise else score
 
-    return min(range(len(outcomes)), key=rank)  # min() keeps the first of equal ranks
+    return min(range(len(val_scores)), key=rank)  # min() keeps the first of equal ranks
 
 
 def run_seeds(
@@ -258,7 +258,7 @@ def run_seeds(
                 f"valid {monitor or 'loss'} {o.val_score:.4f} at epoch {o.best_epoch}/{o.epochs_trained} "
                 f"({o.time_s:.1f}s)"
             )
-        best[s] = best_point([o for o, _ in grid_runs[s]], monitor)
+        best[s] = best_point([o.val_score for o, _ in grid_runs[s]], monitor is not None)
     split_runs = {s: [grid_runs[s][best[s]]] for s in seeds}
     for j in range(1, len(splits)):
         jobs = [ProbeJob(configs[s][best[s]], 1000 * s + j, f"seed{s}-split{j}-best") for s in seeds]
