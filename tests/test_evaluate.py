@@ -428,7 +428,7 @@ def test_score_rejects_bad_inputs(tmp_path):
 
 
 def test_the_grid_point_with_the_best_validation_score_wins_ties_to_the_earlier_and_nan_last():
-    """Scene and event protocols pick grid points with one rule: best score, earlier on ties, NaN never."""
+    """Scene and event protocols pick grid points with one rule: best score, earlier on ties, NaN last."""
     nan = math.nan
     assert evaluate.best_point([0.5, nan, 0.7, 0.7], maximise=True) == 2
     assert evaluate.best_point([0.5, nan, 0.7, 0.5], maximise=False) == 0  # a loss or an error rate
