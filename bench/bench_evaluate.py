@@ -80,7 +80,7 @@ def per_epoch_ms(emb: Path, task_name: str, epochs: int, singles: int, profile: 
     from msm_lightning.evaluation import protocol
     from msm_lightning.evaluation.batched_probe import BatchedProbes, ProbeSpec
     from msm_lightning.evaluation.probe import train_probe
-    from msm_lightning.evaluation.taskdata import load_task
+    from msm_lightning.evaluation.taskdata import load_task, selection_metric
 
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
@@ -89,7 +89,7 @@ def per_epoch_ms(emb: Path, task_name: str, epochs: int, singles: int, profile: 
     grid = protocol.task_grid(protocol.RESTRICTED_GRID, task.metadata, epochs)
     train, valid, _ = protocol.split_data(task, task.data_splits()[0], False)
     specs = [ProbeSpec(c, 1000 * s) for s in range(10) for c in protocol.grid_configs(grid, s, 8)]
-    monitor = protocol.monitored_metric(task)
+    monitor = selection_metric(task.metadata)
     start = time.process_time()
     single_epochs = 0
     for spec in specs[:singles]:

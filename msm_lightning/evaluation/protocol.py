@@ -186,11 +186,6 @@ def score_all(task: TaskData, probs: np.ndarray, targets: torch.Tensor) -> dict[
     return {name: metric(name)(probs, y) for name in task.metrics}
 
 
-def monitored_metric(task: TaskData) -> str | None:
-    """The validation score that picks states and grid points: the primary metric, or None (the loss)."""
-    return selection_metric(task.metadata)
-
-
 def split_data(task: TaskData, split: dict[str, list[str]], standardise: bool) -> tuple[Split, Split, Split]:
     """A data split's train, valid and test rows, z-scored with training statistics when asked."""
     train, valid, test = (task.gather(split[k]) for k in ("train", "valid", "test"))
@@ -228,7 +223,7 @@ def run_seeds(
     probe on data split j of seed s has torch seed 1000*s + j.
     """
     configs = {s: grid_configs(grid, s, grid_points) for s in seeds}
-    monitor = monitored_metric(task)
+    monitor = selection_metric(task.metadata)
     splits = task.data_splits()
     shown = varying(grid)
 
@@ -347,7 +342,7 @@ def summarise(task: TaskData, runs: list[dict[str, Any]], protocol: dict[str, An
         "embedding_type": task.metadata["embedding_type"],
         "n_splits": len(task.data_splits()),
         "embedding_dim": task.dim,
-        "valid_metric": monitored_metric(task) or "loss",  # what each split's `val_score` is
+        "valid_metric": selection_metric(task.metadata) or "loss",  # what each split's `val_score` is
         "seeds": [r["seed"] for r in runs],
         "test_scores": per_metric[primary]["per_seed"],
         "mean": per_metric[primary]["mean"],

@@ -8,7 +8,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_args, get_type_hints
 
 from msm_lightning.model.families import FAMILIES
 from msm_lightning.pipelines.benchmark import (
@@ -208,13 +208,14 @@ def _settings(cls: type[S], args: argparse.Namespace, **derived: Any) -> S:
     """The settings dataclass `cls` from parsed options: each field from the option of its name (lists as
     tuples, Path fields as Path) unless `derived` gives it; fields without an option keep their defaults."""
     values = dict(derived)
+    hints = get_type_hints(cls)
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
         if f.name in values or not hasattr(args, f.name):
             continue
         value = getattr(args, f.name)
         if isinstance(value, list):
             value = tuple(value)
-        elif str(f.type).startswith("Path") and value is not None:  # annotations are strings here
+        elif Path in (hints[f.name], *get_args(hints[f.name])) and value is not None:
             value = Path(value)
         values[f.name] = value
     return cls(**values)
